@@ -1,0 +1,94 @@
+"""Every config field, with its default. Experiment configs import this and override a few fields.
+
+    python -m ddpm_jax.main --config configs/default.py --workdir runs/default
+
+trains DDPM's CIFAR-10-sized network on the faces that ship with the install; see the other files
+in configs/ for real experiments. Override any field on the command line with
+`--config.GROUP.KEY=VALUE`; an unknown key is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # one key for init, data order, t/noise/dropout draws and sampling
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "embedded"  # 'embedded' (ships with the install), 'folder' or 'tfds'
+    data.name = "lfw_faces"  # tfds builder name, or the embedded dataset's name
+    data.path = ""  # folder source: directory searched recursively for jpg/jpeg/png/webp/bmp
+    data.split = "train"  # tfds split to train on
+    data.eval_split = ""  # tfds split for the validation loss; '' holds out training images
+    data.data_dir = ""  # tfds data_dir ('' = tfds default; use it for manually downloaded data)
+    data.image_size = 32  # square training resolution
+    data.resize = "center_crop"  # 'center_crop' (keep aspect, crop the middle) or 'stretch'
+    data.random_flip = True  # random horizontal flips, drawn on device from the step's key
+    data.cache = True  # keep decoded, resized uint8 images in memory when they fit...
+    data.cache_max_gb = 4.0  # ...under this size
+    data.num_eval_examples = 16  # held-out images for the validation loss
+    data.prefetch = 2  # global batches kept ready on device
+    data.num_workers = 8  # image-decoding threads
+
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 128  # base channel count
+    model.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution level
+    model.num_res_blocks = 2  # residual blocks per level
+    model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
+    model.dropout = 0.1
+    model.dtype = "float32"  # compute dtype: 'bfloat16' on GPU/TPU (params stay float32)
+    model.attention_impl = "auto"  # 'auto' (cuDNN flash attention where possible), 'xla', 'cudnn'
+    model.remat = False  # recompute res blocks in the backward pass to save memory
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.num_timesteps = 1000  # T
+    diffusion.beta_schedule = "linear"  # 'linear' (DDPM: 1e-4 to 0.02) or 'cosine'
+    diffusion.prediction = "eps"  # network target: 'eps' (DDPM), 'x0' or 'v'
+    diffusion.min_snr_gamma = 0.0  # >0: min-SNR-gamma loss weighting (5.0 is usual); 0: off
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.learning_rate = 2e-4  # Adam, DDPM's CIFAR-10 value
+    optim.warmup_steps = 5000  # linear warm-up from 0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.grad_clip = 1.0  # global-norm clipping
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 64  # global, split over all devices
+    training.num_train_steps = 800_000
+    training.steps_per_call = 1  # steps fused in one jitted lax.scan (GPU/TPU; keep 1 on CPU)
+    training.ema_decay = 0.9999
+    training.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)) early on
+    training.log_every_steps = 100
+    training.eval_every_steps = 1000  # validation loss on held-out images, fixed t and noise
+    training.checkpoint_every_steps = 5000
+    training.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    training.sample_every_steps = 10_000  # sample grid from the EMA params
+    training.num_grid_samples = 64  # images in that grid
+    training.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.sampler = "ddpm"  # 'ddpm' (ancestral, all T steps) or 'ddim'
+    sampling.num_steps = 100  # DDIM steps (ancestral always takes T)
+    sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 ancestral-like
+    sampling.variance = "fixed_large"  # ancestral variance: 'fixed_large' (beta) or 'fixed_small'
+    sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at every step
+    sampling.num_samples = 64  # images written by --mode=sample
+    sampling.per_device_batch = 64  # images per device per sampling call
+    sampling.checkpoint_step = -1  # checkpoint to sample from; -1 = latest
+
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.num_samples = 50_000  # EMA samples for --mode=eval (FID/KID); papers use 50k
+    ev.batch_size = 256  # Inception batch (a multiple of the device count)
+    ev.inception_weights = ""  # .npz or .pth FID Inception weights; '' = cache, else download
+    ev.cache_dir = ""  # weights and reference statistics; '' = $DDPM_JAX_CACHE or ~/.cache/ddpm_jax
+    ev.reference_split = "train"  # reference statistics from this split, unaugmented
+    ev.reference_num_examples = 0  # 0 = the whole split
+    ev.kid_subsets = 100
+    ev.kid_subset_size = 1000
+    ev.max_kid_features = 10_000  # reference/sample features kept for KID
+    ev.every_steps = 0  # in-loop FID every N steps (0 = off); not comparable with paper numbers
+    ev.in_loop_num_samples = 1000  # samples for in-loop FID
+    ev.keep_best = False  # also keep the checkpoint with the best in-loop FID
+    return config

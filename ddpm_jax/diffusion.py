@@ -1,0 +1,189 @@
+"""The diffusion process: noise schedules, forward process, posterior and the training loss.
+
+All of DDPM's math (Ho et al. 2020) lives here, as pure functions of a `Schedule`. The schedule is
+computed in float64 NumPy and then cast, so float32 training uses the most accurate constants and
+tests can run every function in float64 (under `jax.enable_x64`) against closed forms.
+
+Notation: `abar_t` = prod_{s<=t} (1 - beta_s) (`alphas_cumprod`); timesteps are 0-based, so
+t = 0 is the first noising step and t = T - 1 the last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREDICTIONS = ("eps", "x0", "v")
+BETA_SCHEDULES = ("linear", "cosine")
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """float64 betas of length `num_timesteps`."""
+    if name == "linear":
+        # DDPM's 1e-4..0.02 is defined for T = 1000; scale it so other T keep the same end point
+        # of the forward process (as improved-diffusion does).
+        scale = 1000.0 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        # Nichol & Dhariwal 2021, eq. 17, with s = 0.008 and betas clipped at 0.999.
+        s = 0.008
+        steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+        f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    raise ValueError(f"diffusion.beta_schedule={name!r}: expected one of {BETA_SCHEDULES}")
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Per-timestep constants of the forward process and its posterior, each of shape [T]."""
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    posterior_variance: jax.Array  # beta_tilde_t, "fixed_small"
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array  # multiplies x0
+    posterior_mean_coef2: jax.Array  # multiplies x_t
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def make_schedule(name: str, num_timesteps: int, dtype=jnp.float32) -> Schedule:
+    betas = beta_schedule(name, num_timesteps)
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    # beta_tilde_0 = 0; DDPM clips its log at beta_tilde_1 so log-likelihood terms stay finite.
+    if num_timesteps < 2:
+        raise ValueError(f"diffusion.num_timesteps={num_timesteps}: need at least 2")
+    post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+    arrays = dict(
+        betas=betas,
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=post_log_var,
+        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+    )
+    return Schedule(**{k: jnp.asarray(v, dtype) for k, v in arrays.items()})
+
+
+def _bcast(values_B: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-example constants [B] -> [B, 1, 1, 1] to broadcast against images."""
+    return values_B.reshape(values_B.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def q_sample(sched: Schedule, x0: jax.Array, t_B: jax.Array, eps: jax.Array) -> jax.Array:
+    """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I), reparameterised with eps."""
+    abar = _bcast(sched.alphas_cumprod[t_B], x0)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+
+
+def q_posterior(sched: Schedule, x0: jax.Array, xt: jax.Array, t_B: jax.Array, variance: str):
+    """Mean and log-variance of q(x_{t-1} | x_t, x_0); `variance` picks the reverse variance.
+
+    'fixed_small' is the true posterior variance beta_tilde_t (clipped at t = 0, where it is 0);
+    'fixed_large' is beta_t (with beta_tilde_1 at t = 0, as in DDPM's code), the two bounds of
+    DDPM section 3.2.
+    """
+    mean = (
+        _bcast(sched.posterior_mean_coef1[t_B], x0) * x0
+        + _bcast(sched.posterior_mean_coef2[t_B], xt) * xt
+    )
+    if variance == "fixed_small":
+        log_var = sched.posterior_log_variance_clipped[t_B]
+    elif variance == "fixed_large":
+        large = jnp.log(jnp.append(sched.posterior_variance[1], sched.betas[1:]))
+        log_var = large[t_B]
+    else:
+        raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
+    return mean, _bcast(log_var, xt)
+
+
+# Conversions between the three parameterisations of the network's output, at x_t and timestep t.
+def x0_from_eps(sched: Schedule, xt, t_B, eps):
+    abar = _bcast(sched.alphas_cumprod[t_B], xt)
+    return (xt - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+
+
+def eps_from_x0(sched: Schedule, xt, t_B, x0):
+    abar = _bcast(sched.alphas_cumprod[t_B], xt)
+    return (xt - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+
+
+def v_from_eps_x0(sched: Schedule, t_B, eps, x0):
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+    abar = _bcast(sched.alphas_cumprod[t_B], x0)
+    return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0
+
+
+def x0_from_v(sched: Schedule, xt, t_B, v):
+    abar = _bcast(sched.alphas_cumprod[t_B], xt)
+    return jnp.sqrt(abar) * xt - jnp.sqrt(1.0 - abar) * v
+
+
+def eps_from_v(sched: Schedule, xt, t_B, v):
+    abar = _bcast(sched.alphas_cumprod[t_B], xt)
+    return jnp.sqrt(1.0 - abar) * xt + jnp.sqrt(abar) * v
+
+
+def predict_x0_eps(sched: Schedule, prediction: str, xt, t_B, model_out):
+    """(x0, eps) implied by the network's output under the `prediction` parameterisation."""
+    if prediction == "eps":
+        return x0_from_eps(sched, xt, t_B, model_out), model_out
+    if prediction == "x0":
+        return model_out, eps_from_x0(sched, xt, t_B, model_out)
+    if prediction == "v":
+        return x0_from_v(sched, xt, t_B, model_out), eps_from_v(sched, xt, t_B, model_out)
+    raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
+
+
+def snr(sched: Schedule, t_B: jax.Array) -> jax.Array:
+    abar = sched.alphas_cumprod[t_B]
+    return abar / (1.0 - abar)
+
+
+def loss_weight(sched: Schedule, t_B, prediction: str, min_snr_gamma: float | None):
+    """Per-example weight making each target's MSE equal min(SNR, gamma)-weighted x0 MSE.
+
+    Min-SNR-gamma (Hang et al. 2023): the x0-space weight is min(SNR, gamma); in eps space this
+    is min(SNR, gamma) / SNR and in v space min(SNR, gamma) / (SNR + 1). With no gamma every
+    target is unweighted (L_simple for eps).
+    """
+    if not min_snr_gamma:
+        return jnp.ones(t_B.shape, sched.alphas_cumprod.dtype)
+    s = snr(sched, t_B)
+    clipped = jnp.minimum(s, min_snr_gamma)
+    return {"eps": clipped / s, "x0": clipped, "v": clipped / (s + 1.0)}[prediction]
+
+
+def loss_per_example(
+    sched: Schedule,
+    model_out: jax.Array,
+    x0: jax.Array,
+    eps: jax.Array,
+    t_B: jax.Array,
+    prediction: str = "eps",
+    min_snr_gamma: float | None = None,
+) -> jax.Array:
+    """Weighted MSE between the network output and its target, mean over pixels: [B]."""
+    if prediction == "eps":
+        target = eps
+    elif prediction == "x0":
+        target = x0
+    elif prediction == "v":
+        target = v_from_eps_x0(sched, t_B, eps, x0)
+    else:
+        raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
+    # bf16 network outputs are compared in the target's (float32 or, in tests, float64) precision.
+    err = jnp.square(model_out.astype(target.dtype) - target)
+    mse_B = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    return loss_weight(sched, t_B, prediction, min_snr_gamma) * mse_B

@@ -1,0 +1,779 @@
+"""Training images: sources, a step-indexed deterministic order, caching and device prefetch.
+
+The order of training examples is a pure function of (seed, step): global example position
+`p = step * global_batch + j` lies in epoch `p // N`, whose order is
+`np.random.default_rng([seed, epoch]).permutation(N)`. Resuming therefore needs only the step, and
+the batches do not depend on how many processes or devices share them: process i of P loads the
+contiguous slice i of every global batch. Images stay uint8 on the host; scaling to [-1, 1] and
+random flips happen on device in `to_model_input`.
+
+Sources (`data.source`):
+  * 'folder': every jpg/jpeg/png/webp/bmp below `data.path` (recursive, sorted, so dataset index i
+    is the i-th path in sorted order; names starting with '.' are ignored). Headers are probed up
+    front; pixels are decoded lazily, only for the examples a process needs.
+  * 'tfds': the encoded 'image' feature of `data.name`/`data.split`, kept in memory as bytes and
+    decoded exactly like files (index i is the i-th example of the split).
+  * 'embedded': 'lfw_faces', the 100 LFW face crops that ship with scikit-image.
+
+Every image becomes RGB (transparency composited on white, 16-bit greyscale scaled to 8 bits,
+EXIF orientation applied) and `data.image_size` square by `data.resize`: 'center_crop' (the
+largest centred square, then resized) or 'stretch' (whole image squashed to a square), with
+Lanczos resampling.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import io
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SOURCES = ("folder", "tfds", "embedded")
+RESIZE_POLICIES = ("center_crop", "stretch")
+EMBEDDED_DATASETS = ("lfw_faces",)
+_LFW_NUM_FACES = 100  # skimage.data.lfw_subset(): the first 100 of its 200 crops are faces
+_HOLD_OUT_SEED = 0  # the held-out eval examples must not change with the training seed
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+Item = str | bytes | np.ndarray  # a file path, encoded image bytes, or a decoded array
+
+
+class InputError(ValueError):
+    """Unusable data settings or data, reported before anything is compiled."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The `config.data` fields this module reads, validated."""
+
+    source: str = "embedded"
+    name: str = "lfw_faces"
+    path: str = ""
+    split: str = "train"
+    eval_split: str = ""
+    data_dir: str = ""
+    image_size: int = 32
+    resize: str = "center_crop"
+    cache: bool = True
+    cache_max_gb: float = 4.0
+    num_eval_examples: int = 16
+    prefetch: int = 2
+    num_workers: int = 8
+
+
+def _read_settings(data_config: Any) -> _Settings:
+    """Reads `data_config` (a ConfigDict or any object with these attributes; missing ones take
+    their defaults) and validates it."""
+    fields = {
+        f.name: getattr(data_config, f.name, f.default) for f in dataclasses.fields(_Settings)
+    }
+    s = _Settings(**fields)
+    if s.source not in SOURCES:
+        raise InputError(f"data.source={s.source!r} is not one of {SOURCES}")
+    if s.resize not in RESIZE_POLICIES:
+        raise InputError(f"data.resize={s.resize!r} is not one of {RESIZE_POLICIES}")
+    for key, minimum in (
+        ("image_size", 1),
+        ("num_eval_examples", 0),
+        ("prefetch", 0),
+        ("num_workers", 1),
+    ):
+        value = getattr(s, key)
+        # bool is an int subclass; True as an image size is a config mistake, not 1.
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise InputError(f"data.{key}={value!r} must be an integer >= {minimum}")
+    if not isinstance(s.cache_max_gb, int | float) or s.cache_max_gb < 0:
+        raise InputError(f"data.cache_max_gb={s.cache_max_gb!r} must be a number >= 0")
+    if s.source == "folder" and not s.path:
+        raise InputError(
+            "data.path is empty: data.source='folder' needs --config.data.path=/path/to/images"
+        )
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited on white (dropping alpha would
+    expose whatever colour the encoder left under them, often black or noise)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own I -> L conversion clips at 255 instead of scaling the 16-bit range.
+        wide = np.asarray(im).astype(np.float32)
+        im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+def _fit(im: Image.Image, size: int, resize: str) -> Image.Image:
+    """Resizes to size x size: the centred square ('center_crop') or the whole image ('stretch')."""
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    box = None
+    if resize == "center_crop":
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    # reducing_gap: a fast integer reduce() first for big downscales, still Lanczos quality.
+    return im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def _load_rgb(item: Item, size: int, resize: str) -> np.ndarray:
+    """Decodes one path / encoded bytes / array into uint8 [size, size, 3]. Raises if unreadable."""
+    if isinstance(item, np.ndarray):
+        im = Image.fromarray(item)
+    else:
+        im = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+    with im:
+        # JPEG only: decode at the smallest DCT scale still >= size on both sides (much faster).
+        im.draft(None, (size, size))
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        return np.asarray(_fit(_to_rgb(im), size, resize), dtype=np.uint8)
+
+
+def _probe(path: str) -> str | None:
+    """Cheap integrity check without decoding pixels: None if fine, else the error text.
+
+    Catches non-images, bad headers and (through PNG chunk CRCs) truncated PNGs; a truncated JPEG
+    still passes and is caught when decoded (see ImageDataset._decode).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as err:  # noqa: BLE001 -- any failure means "skip this file"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _parallel_map(pool: concurrent.futures.Executor | None, fn: Callable, items: Sequence):
+    return list(pool.map(fn, items) if pool is not None else map(fn, items))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+    """Decodes batches of items on a thread pool (PIL releases the GIL while decoding)."""
+
+    size: int
+    resize: str
+    pool: concurrent.futures.ThreadPoolExecutor | None
+    num_workers: int
+
+    def one(self, item: Item) -> np.ndarray:
+        return _load_rgb(item, self.size, self.resize)
+
+    def many(
+        self, items: Sequence[Item], ids: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, Exception]]:
+        """Decodes items[ids] -> (uint8 [len(ids), S, S, 3], {row: error} for failed rows)."""
+        out = np.zeros((len(ids), self.size, self.size, 3), np.uint8)
+
+        def work(rows: np.ndarray) -> dict[int, Exception]:
+            errors = {}
+            for r in rows:
+                try:
+                    out[r] = self.one(items[ids[r]])
+                except Exception as err:  # noqa: BLE001 -- reported and handled by the caller
+                    errors[int(r)] = err
+            return errors
+
+        # A few chunks per worker: balances uneven decode times without per-image task overhead.
+        chunks = np.array_split(np.arange(len(ids)), min(len(ids), 4 * self.num_workers) or 1)
+        errors: dict[int, Exception] = {}
+        for chunk_errors in _parallel_map(self.pool, work, chunks):
+            errors.update(chunk_errors)
+        return out, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Random-access raw examples plus which of them passed the up-front probe."""
+
+    key: str  # names the culprit in messages, e.g. "data.path='/photos'"
+    items: Sequence[Item]
+    usable: np.ndarray  # bool [len(items)]
+
+    def label(self, i: int) -> str:
+        item = self.items[i]
+        return item if isinstance(item, str) else f"{self.key}[{i}]"
+
+
+def _list_images(root: Path) -> list[str]:
+    """Image files below root, sorted by relative path; hidden files and folders are skipped
+    (e.g. macOS '._x.jpg' resource forks, '.ipynb_checkpoints')."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            os.path.join(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(found, key=lambda p: Path(p).relative_to(root).as_posix())
+
+
+def _open_folder(path: str, pool: concurrent.futures.Executor | None) -> _Source:
+    root = Path(path).expanduser()
+    key = f"data.path={str(root)!r}"
+    if not root.exists():
+        raise InputError(f"{key} does not exist (0 images)")
+    if not root.is_dir():
+        raise InputError(f"{key} is not a directory (0 images)")
+    paths = _list_images(root)
+    if not paths:
+        raise InputError(f"{key}: 0 images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    errors = _parallel_map(pool, _probe, paths)
+    for p, err in zip(paths, errors, strict=True):
+        if err is not None:
+            logger.warning("Skipping unreadable image %s (%s)", p, err)
+    return _Source(key, paths, np.array([e is None for e in errors]))
+
+
+def _import_tfds():
+    """tensorflow_datasets imports TensorFlow (seconds): only for data.source='tfds'."""
+    import tensorflow as tf
+
+    # TF must not claim the accelerator memory JAX is about to use (RuntimeError: TF already
+    # initialised its devices, nothing to do then).
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None) -> _Source:
+    """The encoded 'image' feature of a TFDS split (first `limit` examples), kept as bytes."""
+    tfds = _import_tfds()
+    key = f"data.name={name!r} split={split!r}"
+    try:
+        ds = tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir or None,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        images = ds.map(lambda ex: ex["image"])
+        if limit is not None:
+            images = images.take(limit)
+        items = [b for batch in tfds.as_numpy(images.batch(4096)) for b in batch.tolist()]
+    except Exception as err:  # noqa: BLE001 -- download/prepare fail in many types
+        summary = (str(err).strip().splitlines() or [""])[0][:300]
+        raise InputError(
+            f"could not load TFDS {key} ({type(err).__name__}: {summary}). To train without "
+            "TFDS, use --config.data.source=folder --config.data.path=/path/to/images; or "
+            "download and prepare it by hand and pass --config.data.data_dir=/that/dir"
+        ) from None
+    return _Source(f"tfds {key}", items, np.ones(len(items), bool))
+
+
+def _open_embedded(name: str) -> _Source:
+    if name not in EMBEDDED_DATASETS:
+        raise InputError(f"data.name={name!r} is not an embedded dataset {EMBEDDED_DATASETS}")
+    import skimage.data
+
+    faces = np.asarray(skimage.data.lfw_subset()[:_LFW_NUM_FACES])
+    if faces.dtype != np.uint8:  # documented as uint8, but skimage 0.26 returns floats in [0, 1]
+        faces = np.clip(np.rint(faces * 255.0), 0, 255).astype(np.uint8)
+    rgb = np.repeat(faces[..., None], 3, axis=-1)
+    return _Source(f"data.name={name!r}", list(rgb), np.ones(len(rgb), bool))
+
+
+def _take_decodable(
+    source: _Source, candidates: np.ndarray, n: int, decoder: _Decoder
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The first n candidates that decode -> (ids, uint8 images, ids that failed)."""
+    chosen, images, failed = [], [], []
+    start = 0
+    while len(chosen) < n and start < len(candidates):
+        ids = candidates[start : start + n - len(chosen)]
+        start += len(ids)
+        decoded, errors = decoder.many(source.items, ids)
+        for row, i in enumerate(ids):
+            if row in errors:
+                logger.warning("Skipping unreadable image %s (%s)", source.label(i), errors[row])
+                failed.append(int(i))
+            else:
+                chosen.append(int(i))
+                images.append(decoded[row])
+    shape = (0, decoder.size, decoder.size, 3)
+    stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
+    return np.array(chosen, np.int64), stacked, failed
+
+
+def _hold_out_order(n: int) -> np.ndarray:
+    """Preference order for held-out examples: seed-independent, so eval never sees training."""
+    return np.random.default_rng(_HOLD_OUT_SEED).permutation(n)[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Order
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Positions 0..n-1 of the training set in the order epoch `epoch` visits them."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False  # shared through the cache
+    return order
+
+
+def _batch_rows(sharding: jax.sharding.NamedSharding, global_shape: tuple) -> np.ndarray:
+    """Batch rows (axis 1) held by this process's devices, in the order that
+    jax.make_array_from_process_local_data expects them in the local array."""
+    starts = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        for axis, (slc, n) in enumerate(zip(index, global_shape, strict=True)):
+            if axis != 1 and slc.indices(n) != (0, n, 1):
+                raise ValueError(f"iterate() shards only the batch axis (1), not {sharding.spec}")
+        starts.add(index[1].indices(global_shape[1])[0])
+    rows_per_shard = sharding.shard_shape(global_shape)[1]
+    return np.concatenate([np.arange(s, s + rows_per_shard) for s in sorted(starts)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefetching
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+def _put(q: queue.Queue, stop: threading.Event, item: Any) -> None:
+    # Never block forever on a full queue: close() must be able to end the thread.
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce_forever(produce: Callable[[int], Any], q: queue.Queue, stop: threading.Event):
+    # A plain function, not a method: the thread must not keep its iterator alive, so that
+    # dropping the iterator (-> __del__ -> stop) ends the thread.
+    k = 0
+    try:
+        while not stop.is_set():
+            _put(q, stop, produce(k))
+            k += 1
+    except BaseException as err:  # noqa: BLE001 -- re-raised by the consumer
+        _put(q, stop, _Failure(err))
+
+
+class PrefetchIterator(Iterator):
+    """Calls `produce(k)` for k = 0, 1, ... on a daemon thread, keeping up to `depth` results
+    queued (depth 0: produce on demand in the caller's thread). next() re-raises errors from the
+    thread. close(), `with`, or dropping the iterator stops the thread."""
+
+    def __init__(self, produce: Callable[[int], Any], depth: int):
+        self._produce = produce
+        self._k = 0  # next k, when producing in the caller's thread
+        self._closed = False
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(
+                target=_produce_forever,
+                args=(produce, self._queue, self._stop),
+                daemon=True,
+                name="input-prefetch",
+            )
+            self._thread.start()
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        if self._thread is None:
+            self._k += 1
+            return self._produce(self._k - 1)
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (waiting for the batch it is building) and ends the iteration."""
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+
+
+class ImageDataset:
+    """Training images, ordered by (seed, step) alone; see the module docstring.
+
+    Dataset indices index the source (sorted file list / tfds split / embedded array), so
+    `train_indices` and `eval_indices` (held-out, empty with a tfds eval_split) are disjoint
+    subsets of them. Decoded images are cached in memory when `cache` is set; otherwise every
+    batch is decoded from the source.
+
+    A file that passed the header probe but fails to decode later (e.g. a truncated JPEG) is
+    logged, counted in `skipped_files` and replaced, wherever it occurs, by the next decodable
+    training example in index order; that replacement is deterministic, but the count grows
+    as such files are met, and differs between processes.
+    """
+
+    def __init__(
+        self,
+        source: _Source,
+        train_indices: np.ndarray,
+        eval_indices: np.ndarray,
+        *,
+        decoder: _Decoder,
+        seed: int,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        cache: bool,
+        skipped_files: int,
+        prefetch: int,
+    ):
+        self.num_examples = len(train_indices)
+        self.image_shape = (decoder.size, decoder.size, 3)
+        self.train_indices = np.asarray(train_indices, np.int64)
+        self.eval_indices = np.asarray(eval_indices, np.int64)
+        self.global_batch_size = global_batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.seed = seed
+        self.prefetch = prefetch
+        self._source = source
+        self._decoder = decoder
+        local = global_batch_size // process_count
+        self._local_rows = np.arange(process_index * local, (process_index + 1) * local)
+        # np.empty commits memory page by page as images are decoded into it.
+        shape = (len(source.items), *self.image_shape)
+        self._cache = np.empty(shape, np.uint8) if cache else None
+        self._filled = np.zeros(len(source.items), bool)
+        self._bad: set[int] = set()  # training ids that failed to decode after the probe
+        self._lock = threading.Lock()
+        self._skipped = skipped_files
+
+    @property
+    def skipped_files(self) -> int:
+        """Unreadable examples skipped so far (folder source; 0 for the others in practice)."""
+        return self._skipped
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Dataset indices (int64 [global_batch]) of the global batch at `step`."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        n, b = self.num_examples, self.global_batch_size
+        positions = step * b + np.arange(b, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, n)
+        out = np.empty(b, np.int64)
+        for epoch in np.unique(epochs):  # at most two: global_batch <= num_examples
+            mask = epochs == epoch
+            out[mask] = self.train_indices[_epoch_order(self.seed, int(epoch), n)[offsets[mask]]]
+        return out
+
+    def local_batch(self, step: int) -> np.ndarray:
+        """uint8 [global_batch // process_count, H, W, 3]: this process's slice at `step`."""
+        return self.images(self.global_indices(step)[self._local_rows])
+
+    def iterate(
+        self,
+        start_step: int,
+        sharding: jax.sharding.NamedSharding,
+        steps_per_call: int = 1,
+    ) -> PrefetchIterator:
+        """Global uint8 arrays [steps_per_call, global_batch, H, W, 3]; call k holds steps
+        start_step + k * steps_per_call + (0 .. steps_per_call - 1), sharded by `sharding`
+        (NamedSharding(mesh, P(None, 'data'))). `data.prefetch` arrays are built ahead on a
+        daemon thread; close() the iterator (or use `with`) to stop it early.
+
+        Each process loads exactly the batch rows its devices hold (with the usual meshes, the
+        contiguous slice `process_index` of local_batch).
+        """
+        if steps_per_call < 1 or start_step < 0:
+            raise ValueError(
+                f"need steps_per_call >= 1 and start_step >= 0, got {steps_per_call}, {start_step}"
+            )
+        global_shape = (steps_per_call, self.global_batch_size, *self.image_shape)
+        rows = _batch_rows(sharding, global_shape)
+
+        def produce(k: int) -> jax.Array:
+            first = start_step + k * steps_per_call
+            ids = np.concatenate(
+                [self.global_indices(first + i)[rows] for i in range(steps_per_call)]
+            )
+            local = self.images(ids).reshape(steps_per_call, len(rows), *self.image_shape)
+            return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+        return PrefetchIterator(produce, self.prefetch)
+
+    def images(self, ids: np.ndarray) -> np.ndarray:
+        """uint8 [len(ids), H, W, 3] for dataset indices `ids`, through the cache if enabled."""
+        ids = np.asarray(ids, np.int64)
+        unique = np.unique(ids)
+        if self._cache is None:
+            return self._decode(unique)[np.searchsorted(unique, ids)]
+        missing = unique[~self._filled[unique]]
+        if missing.size:
+            self._cache[missing] = self._decode(missing)
+            self._filled[missing] = True
+        return self._cache[ids]
+
+    def close(self) -> None:
+        """Stops the decoding threads."""
+        if self._decoder.pool is not None:
+            self._decoder.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
+        """Decodes ids (unique), replacing any that fail; see the class docstring."""
+        todo = np.array([int(i) not in self._bad for i in ids], bool)
+        images = np.empty((len(ids), *self.image_shape), np.uint8)
+        images[todo], errors = self._decoder.many(self._source.items, ids[todo])
+        for row, err in errors.items():
+            self._mark_bad(int(ids[todo][row]), err)
+        for row in np.flatnonzero([int(i) in self._bad for i in ids]):
+            images[row] = self._replacement(int(ids[row]))
+        return images
+
+    def _mark_bad(self, i: int, err: Exception) -> None:
+        with self._lock:
+            if i in self._bad:
+                return
+            self._bad.add(i)
+            self._skipped += 1
+        logger.warning(
+            "Skipping unreadable image %s (%s: %s); %d skipped so far",
+            self._source.label(i),
+            type(err).__name__,
+            err,
+            self._skipped,
+        )
+
+    def _replacement(self, i: int) -> np.ndarray:
+        """The next training example after i (cyclically, in index order) that decodes.
+        Deterministic: whether a file decodes does not depend on when it is tried."""
+        n = self.num_examples
+        pos = int(np.searchsorted(self.train_indices, i))
+        for k in range(1, n):
+            j = int(self.train_indices[(pos + k) % n])
+            if j in self._bad:
+                continue
+            if self._cache is not None and self._filled[j]:
+                return self._cache[j].copy()
+            try:
+                return self._decoder.one(self._source.items[j])
+            except Exception as err:  # noqa: BLE001 -- reported; try the next one
+                self._mark_bad(j, err)
+        raise InputError(f"{self._source.key}: none of the {n} training images can be decoded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def create_datasets(
+    data_config: Any,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tuple[ImageDataset, np.ndarray]:
+    """Returns (train dataset, held-out eval images as uint8 [n_eval, H, W, 3]).
+
+    All validation happens here, eagerly: bad settings or too little usable data raise InputError
+    with a one-line message naming the culprit and the counts.
+    """
+    s = _read_settings(data_config)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise InputError(f"global_batch_size={global_batch_size!r} must be a positive integer")
+    if global_batch_size % process_count:
+        raise InputError(
+            f"global_batch_size={global_batch_size} is not divisible by the "
+            f"{process_count} processes"
+        )
+    if not 0 <= process_index < process_count:
+        raise InputError(f"process_index={process_index} is not in [0, {process_count})")
+
+    pool = (
+        concurrent.futures.ThreadPoolExecutor(s.num_workers, thread_name_prefix="input-decode")
+        if s.num_workers > 1
+        else None
+    )
+    decoder = _Decoder(s.image_size, s.resize, pool, s.num_workers)
+    try:
+        return _build(s, decoder, seed, global_batch_size, process_index, process_count)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
+def _open_source(s: _Settings, pool: concurrent.futures.Executor | None) -> _Source:
+    if s.source == "folder":
+        return _open_folder(s.path, pool)
+    if s.source == "tfds":
+        return _open_tfds(s.name, s.split, s.data_dir)
+    return _open_embedded(s.name)
+
+
+def _eval_from_split(s: _Settings, decoder: _Decoder) -> tuple[np.ndarray, int]:
+    """The first num_eval_examples images of the tfds eval_split -> (images, unreadable count)."""
+    eval_source = _open_tfds(s.name, s.eval_split, s.data_dir, limit=s.num_eval_examples)
+    _, images, failed = _take_decodable(
+        eval_source, np.arange(len(eval_source.items)), s.num_eval_examples, decoder
+    )
+    if len(images) < s.num_eval_examples:
+        raise InputError(
+            f"{eval_source.key}: {len(images)} decodable images (of {len(eval_source.items)}), "
+            f"fewer than num_eval_examples={s.num_eval_examples}"
+        )
+    return images, len(failed)
+
+
+def _build(
+    s: _Settings,
+    decoder: _Decoder,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[ImageDataset, np.ndarray]:
+    source = _open_source(s, decoder.pool)
+    hold_out = not (s.source == "tfds" and s.eval_split)
+    n_held = s.num_eval_examples if hold_out else 0
+    n_usable = int(source.usable.sum())
+    skipped = len(source.items) - n_usable
+    if n_usable < n_held + global_batch_size:  # fail before decoding anything
+        raise InputError(
+            f"{source.key}: {n_usable} usable images (of {len(source.items)}; {skipped} "
+            f"unreadable) is fewer than num_eval_examples={n_held} + "
+            f"global_batch_size={global_batch_size}"
+        )
+
+    in_train = source.usable.copy()
+    eval_ids = np.zeros(0, np.int64)
+    if hold_out:
+        order = _hold_out_order(len(source.items))
+        eval_ids, eval_images, failed = _take_decodable(
+            source, order[source.usable[order]], n_held, decoder
+        )
+        in_train[eval_ids] = False
+        in_train[failed] = False
+        skipped += len(failed)
+    elif s.num_eval_examples:
+        eval_images, n_failed = _eval_from_split(s, decoder)
+        skipped += n_failed
+    else:
+        eval_images = np.zeros((0, s.image_size, s.image_size, 3), np.uint8)
+    train_ids = np.flatnonzero(in_train)
+    if len(eval_images) < n_held or len(train_ids) < global_batch_size:
+        raise InputError(
+            f"{source.key}: {len(eval_images)} eval + {len(train_ids)} training images after "
+            f"{skipped} unreadable; need num_eval_examples={n_held} + "
+            f"global_batch_size={global_batch_size}"
+        )
+
+    size_gb = len(source.items) * s.image_size**2 * 3 / 2**30
+    cache = bool(s.cache) and size_gb <= s.cache_max_gb
+    logger.info(
+        "%s: %d training + %d eval images at %dx%d, %d unreadable skipped; %s",
+        source.key,
+        len(train_ids),
+        len(eval_images),
+        s.image_size,
+        s.image_size,
+        skipped,
+        f"caching decoded images in memory ({size_gb:.2f} GiB)"
+        if cache
+        else f"decoding every batch from the source (cache={s.cache}, {size_gb:.2f} GiB "
+        f"vs cache_max_gb={s.cache_max_gb})",
+    )
+    dataset = ImageDataset(
+        source,
+        train_ids,
+        eval_ids,
+        decoder=decoder,
+        seed=seed % 2**64,  # default_rng needs a non-negative seed
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        cache=cache,
+        skipped_files=skipped,
+        prefetch=s.prefetch,
+    )
+    return dataset, eval_images
+
+
+def to_model_input(images_uint8: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Array:
+    """uint8 [..., H, W, 3] -> float32 in [-1, 1], each image flipped left-right with probability
+    1/2 when `random_flip` (a Python bool: static under jit).
+
+    The flips are drawn at the global shape from `rng`, so the result does not depend on how the
+    input is sharded.
+    """
+    if images_uint8.ndim < 3 or images_uint8.dtype != jnp.uint8:
+        raise TypeError(
+            f"expected uint8 [..., H, W, C] images, got {images_uint8.dtype} {images_uint8.shape}"
+        )
+    # The clip matters: XLA turns the division into a reciprocal multiply, and 255 -> 1.0000001.
+    x = jnp.clip(images_uint8.astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0)
+    if not random_flip:
+        return x
+    flip = jax.random.bernoulli(rng, 0.5, images_uint8.shape[:-3])
+    return jnp.where(flip[..., None, None, None], jnp.flip(x, axis=-2), x)

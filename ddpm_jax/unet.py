@@ -1,0 +1,156 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B), in Flax Linen.
+
+A faithful rebuild of the network in DDPM's TensorFlow code (and score_sde's `ddpm.py`): with
+ch=128, ch_mult=(1, 2, 2, 2), two res blocks per level, attention at 16x16 and dropout 0.1 it has
+DDPM's 35.7M parameters at 32x32. Parameters are always float32; `dtype` sets the compute
+precision (bf16 on accelerators), and the output is float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _init(scale: float = 1.0):
+    # DDPM's default_init: variance scaling, fan_avg, uniform. Layers whose output is added to a
+    # residual stream start near zero (scale 1e-10) so each block starts as the identity.
+    return nn.initializers.variance_scaling(max(scale, 1e-10), "fan_avg", "uniform")
+
+
+def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of (integer) timesteps, [B] -> [B, dim], sin half then cos half."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class ResBlock(nn.Module):
+    out_ch: int
+    dropout: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_BHWC, temb_BD, train: bool):
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, num_groups=32, dtype=self.dtype)
+        h = conv(self.out_ch, kernel_init=_init())(nn.swish(norm()(x_BHWC)))
+        temb = nn.Dense(self.out_ch, kernel_init=_init(), dtype=self.dtype)(nn.swish(temb_BD))
+        h = h + temb[:, None, None, :]
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(norm()(h)))
+        h = conv(self.out_ch, kernel_init=_init(0.0))(h)
+        if x_BHWC.shape[-1] != self.out_ch:
+            x_BHWC = nn.Dense(self.out_ch, kernel_init=_init(), dtype=self.dtype)(x_BHWC)
+        return x_BHWC + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions."""
+
+    dtype: jnp.dtype
+    implementation: str | None  # None: cuDNN flash attention where it applies, else XLA
+
+    @nn.compact
+    def __call__(self, x_BHWC):
+        B, H, W, C = x_BHWC.shape
+        h = nn.GroupNorm(num_groups=32, dtype=self.dtype)(x_BHWC)
+        dense = functools.partial(nn.Dense, C, dtype=self.dtype)
+        q, k, v = (dense(kernel_init=_init(), name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
+        # Softmax runs in float32 inside dot_product_attention even for bf16 inputs.
+        h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        h = dense(kernel_init=_init(0.0), name="proj_out")(h.reshape(B, H, W, C))
+        return x_BHWC + h
+
+
+class UNet(nn.Module):
+    """eps/x0/v-prediction network: (x_t [B, H, W, C], t [B]) -> [B, H, W, out_ch] float32."""
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    out_ch: int = 3
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False  # recompute res blocks in the backward pass: less memory, ~1/3 more FLOPs
+
+    @nn.compact
+    def __call__(self, x_BHWC, t_B, train: bool = False):
+        block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        block = functools.partial(block_cls, dropout=self.dropout, dtype=self.dtype)
+        attn = functools.partial(AttnBlock, dtype=self.dtype, implementation=self.attention_impl)
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
+
+        temb = timestep_embedding(t_B, self.ch)
+        temb = nn.Dense(4 * self.ch, kernel_init=_init(), dtype=self.dtype, name="temb0")(temb)
+        temb = nn.Dense(4 * self.ch, kernel_init=_init(), dtype=self.dtype, name="temb1")(
+            nn.swish(temb)
+        )
+
+        # Explicit names: readable checkpoints, and the same names with or without remat.
+        hs = [conv(self.ch, kernel_init=_init(), name="conv_in")(x_BHWC.astype(self.dtype))]
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = block(self.ch * mult, name=f"down{level}_res{i}")(hs[-1], temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn(name=f"down{level}_attn{i}")(h)
+                hs.append(h)
+            if level != len(self.ch_mult) - 1:
+                down = conv(hs[-1].shape[-1], strides=(2, 2), kernel_init=_init(),
+                            name=f"down{level}_downsample")
+                hs.append(down(hs[-1]))
+
+        h = hs[-1]
+        h = block(h.shape[-1], name="mid_res0")(h, temb, train)
+        h = attn(name="mid_attn")(h)
+        h = block(h.shape[-1], name="mid_res1")(h, temb, train)
+
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = block(self.ch * mult, name=f"up{level}_res{i}")(h, temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn(name=f"up{level}_attn{i}")(h)
+            if level != 0:
+                B, H, W, C = h.shape
+                h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
+                h = conv(C, kernel_init=_init(), name=f"up{level}_upsample")(h)
+        assert not hs, "every skip connection is consumed"
+
+        h = nn.swish(nn.GroupNorm(num_groups=32, dtype=self.dtype, name="norm_out")(h))
+        h = conv(self.out_ch, kernel_init=_init(0.0), name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
+    """The U-Net halves the resolution len(ch_mult) - 1 times; skips must line up exactly."""
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"data.image_size={image_size} is not divisible by 2^(len(model.ch_mult)-1)={factor}"
+        )
+
+
+def from_config(config) -> UNet:
+    """The typed module from the `model` ConfigDict (the module is itself a frozen dataclass)."""
+    m = config.model
+    impl = None if m.attention_impl == "auto" else m.attention_impl
+    return UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        out_ch=3,
+        dtype=jnp.dtype(m.dtype),
+        attention_impl=impl,
+        remat=m.remat,
+    )

@@ -1,0 +1,119 @@
+"""Config and work-directory checks that run before any data loading or compilation.
+
+Every failure is a `ConfigError` whose one-line message names the offending key or path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ml_collections
+
+from ddpm_jax import diffusion, unet
+
+
+class ConfigError(ValueError):
+    """A config value or work directory that cannot work."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(config, key: str, allowed) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    _require(value in allowed, f"{key}={value!r}: expected one of {tuple(allowed)}")
+
+
+def _positive_int(config, key: str) -> int:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    _require(isinstance(value, int) and value > 0, f"{key}={value!r}: expected a positive integer")
+    return value
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int,
+                 num_processes: int = 1) -> None:
+    d, m, t, s = config.data, config.model, config.training, config.sampling
+    _one_of(config, "data.source", ("embedded", "folder", "tfds"))
+    _require(d.source != "folder" or bool(d.path),
+             "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
+    _one_of(config, "data.resize", ("center_crop", "stretch"))
+    size = _positive_int(config, "data.image_size")
+
+    _positive_int(config, "model.ch")
+    _require(m.ch % 32 == 0, f"model.ch={m.ch}: must be a multiple of 32 (GroupNorm's 32 groups)")
+    _require(len(m.ch_mult) > 0 and all(isinstance(x, int) and x > 0 for x in m.ch_mult),
+             f"model.ch_mult={tuple(m.ch_mult)!r}: expected positive integers")
+    try:
+        unet.check_image_size(size, m.ch_mult)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: expected 0 <= dropout < 1")
+    _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))
+    _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
+
+    T = _positive_int(config, "diffusion.num_timesteps")
+    _require(T >= 2, f"diffusion.num_timesteps={T}: need at least 2")
+    _one_of(config, "diffusion.beta_schedule", diffusion.BETA_SCHEDULES)
+    _one_of(config, "diffusion.prediction", diffusion.PREDICTIONS)
+    _require(config.diffusion.min_snr_gamma >= 0,
+             f"diffusion.min_snr_gamma={config.diffusion.min_snr_gamma}: expected >= 0")
+
+    _require(config.optim.learning_rate > 0, "optim.learning_rate must be positive")
+    batch = _positive_int(config, "training.batch_size")
+    _require(batch % num_devices == 0,
+             f"training.batch_size={batch} is not divisible by the {num_devices} devices")
+    _require(batch % num_processes == 0,
+             f"training.batch_size={batch} is not divisible by the {num_processes} processes")
+    _positive_int(config, "training.num_train_steps")
+    k = _positive_int(config, "training.steps_per_call")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "sample_every_steps"):
+        every = _positive_int(config, f"training.{key}")
+        _require(every % k == 0,
+                 f"training.{key}={every} is not a multiple of training.steps_per_call={k}")
+    _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay={t.ema_decay}: expected [0, 1)")
+    _positive_int(config, "training.keep_checkpoints")
+    _positive_int(config, "training.num_grid_samples")
+    _positive_int(config, "training.max_nonfinite_steps")
+
+    _one_of(config, "sampling.sampler", ("ddpm", "ddim"))
+    _one_of(config, "sampling.variance", diffusion.VARIANCES)
+    steps = _positive_int(config, "sampling.num_steps")
+    _require(steps <= T, f"sampling.num_steps={steps} exceeds diffusion.num_timesteps={T}")
+    _require(0.0 <= s.eta <= 1.0, f"sampling.eta={s.eta}: expected 0 <= eta <= 1")
+    _positive_int(config, "sampling.num_samples")
+    _positive_int(config, "sampling.per_device_batch")
+
+
+def check_workdir(workdir: str) -> None:
+    """Create `workdir` if needed and make sure files can be written there."""
+    _require(bool(workdir), "--workdir is required")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror})") from None
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    """The config as flat {'group.key': scalar} for TensorBoard's hparams tab."""
+    out = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                walk(f"{name}.", value)
+            else:
+                out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    return out
