@@ -142,7 +142,7 @@ def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path
 @pytest.mark.parametrize("flag, culprit", [
     ("--config.training.batch_sise=8", "batch_sise"),
     ("--config.training.batch_size=12", "training.batch_size=12"),
-    ("--config.data.image_size=6", "data.image_size=6"),
+    ("--config.data.image_size=7", "data.image_size=7"),
     ("--config.training.batch_size=abc", "batch_size=abc"),
     ("--config.sampling.sampler=euler", "sampling.sampler='euler'"),
 ])
