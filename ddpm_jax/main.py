@@ -12,17 +12,17 @@ import sys
 # importable wherever the command is run from (the package sits next to it in a source checkout).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpoint, input_pipeline, train, validate  # noqa: E402
+from ddpm_jax import checkpoint, distributed, input_pipeline, train, validate  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, samples and TensorBoard logs go here.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 USER_ERRORS = (
@@ -45,9 +45,7 @@ def main(argv):
         handler.addFilter(_QuietOrbax())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), jax.devices()[0].platform)
+    distributed.initialize_from_flags()  # before anything touches devices
     config, workdir = FLAGS.config, FLAGS.workdir
     try:
         if FLAGS.mode == "train":

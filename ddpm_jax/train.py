@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoint, diffusion, input_pipeline, sampling, sharding, unet, validate
 
@@ -183,13 +184,20 @@ def summarize(metrics_list: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (the step in flight ends)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (the step in flight ends).
+
+    With several processes SIGTERM is left to JAX's preemption notifier, which orbax's
+    `reached_preemption` reads so that every process stops at the same step; a per-process flag
+    would let one process stop while the others wait in the next step's collectives. Ctrl-C is
+    agreed on across processes at logging steps for the same reason.
+    """
 
     def __init__(self):
         self.signum = None
         self._previous = {}
+        sigs = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in sigs:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -197,6 +205,14 @@ class _StopRequest:
             signal.default_int_handler(signum, frame)
         self.signum = signum
         logging.warning("Received %s: stopping after this step.", signal.Signals(signum).name)
+
+    def requested(self, at_log_step: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if not at_log_step:
+            return False
+        flag = np.int8(self.signum is not None)
+        return bool(np.any(multihost_utils.process_allgather(flag)))
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -240,6 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=0,
     )
     n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
+    if n_eval < len(eval_images):
+        logging.warning("Validation loss on %d of %d held-out images (a multiple of the %d "
+                        "devices).", n_eval, len(eval_images), jax.device_count())
     eval_fn = jax.jit(
         functools.partial(eval_loss, model=model, sched=sched, config=config),
         in_shardings=(state_sharding.params, sharding.batch(mesh)),
@@ -275,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if pending is not None:
                 _write_metrics(writer, *pending, state, ckpt, config)
                 pending = None
-            if step % t.log_every_steps == 0 or step >= t.num_train_steps:
+            at_log_step = step % t.log_every_steps == 0 or step >= t.num_train_steps
+            if at_log_step:
                 pending, window = (step, window), []
             if eval_batch is not None and step % t.eval_every_steps == 0:
                 writer.write_scalars(
@@ -294,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if jax.process_index() == 0:
                     sampling.write_png(f"{workdir}/samples/train_step_{step:08d}.png", grid)
                 writer.write_images(step, {"samples": grid[None]})
-            if stop.signum is not None or ckpt.reached_preemption(step):
+            if stop.requested(at_log_step) or ckpt.reached_preemption(step):
                 ckpt.save(step, state, force=True)
                 ckpt.wait()
                 if pending is not None:
