@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpoint, distributed, input_pipeline, train, validate  # noqa: E402
+from ddpm_jax import checkpoint, distributed, fid, input_pipeline, train, validate  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -30,6 +30,7 @@ USER_ERRORS = (
     input_pipeline.InputError,
     checkpoint.CheckpointError,
     train.NonFiniteError,
+    fid.WeightsUnavailableError,
 )
 
 

@@ -267,6 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     draw_samples = sampling.make_sampler(
         model, sched, config.sampling, config.diffusion.prediction, train_ds.image_shape, mesh
     )
+    from ddpm_jax import evaluate  # scipy and Inception: only when training starts
+
+    # Before the writer and the loop: missing Inception weights fail here, not hours in.
+    fid_in_loop = evaluate.make_in_loop_evaluator(config, workdir, mesh, train_ds.image_shape)
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True
@@ -306,6 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     },
                 )
             last = step >= t.num_train_steps
+            fid_metrics = fid_in_loop(step, state.ema_params) if fid_in_loop else None
+            if fid_metrics is not None:
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in fid_metrics.items()})
+                if config.eval.keep_best:
+                    evaluate.save_if_best(config, workdir, step, state.ema_params, fid_metrics)
             if step % t.sample_every_steps == 0 or last:
                 grid = sampling.make_grid(
                     draw_samples(state.ema_params, jax.random.fold_in(sample_rng, step),
