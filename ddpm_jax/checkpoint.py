@@ -61,6 +61,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.config = config
+        self.read_only = read_only
         keep = config.training.keep_checkpoints if config is not None else None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -119,8 +120,9 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
                 path = os.path.join(self.directory, str(step))
                 logging.warning("Checkpoint %s is damaged (%s: %s); trying the one before.",
-                                path, type(e).__name__, str(e).splitlines()[0][:200])
-                self._set_aside(step)
+                                path, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                if not self.read_only:  # sampling only skips it; training must save past it
+                    self._set_aside(step)
         return None, None
 
     def _set_aside(self, step: int) -> None:

@@ -81,6 +81,9 @@ def test_damaged_latest_checkpoint_is_set_aside(trained, tmp_path, caplog):
     abstract = jax.eval_shape(
         lambda: train.init_state(jax.random.key(0), __import__("ddpm_jax.unet").unet.from_config(
             config), train.make_optimizer(config), (8, 8, 3)))
+    # Sampling (read-only) skips the damaged checkpoint and leaves it in place.
+    sampler = sampling.Sampler.from_workdir(str(workdir), config)
+    assert sampler.step == 2 and os.path.isdir(workdir / "checkpoints" / "4")
     state = ckpt.restore_train_state(abstract)
     ckpt.close()
     assert int(state.step) == 2
