@@ -1,0 +1,411 @@
+"""Training and sampling throughput: `python -m ddpm_jax.benchmark --config CONFIG.py [...]`.
+
+    python -m ddpm_jax.benchmark --config configs/cifar10.py --config.model.dtype=bfloat16
+    python -m ddpm_jax.benchmark --config configs/cifar10.py --config.training.batch_size=16 \
+        --repeats=3 --steps=2 --skip_sampling          # a 2-core CPU: minutes, not hours
+
+Measures the jitted training step exactly as `train.train_and_evaluate` runs it (same shardings,
+donated state) on a batch already on device, so the figure is the step's and not the input
+pipeline's (see benchmarks/bench_input_pipeline.py for that). Reports images/s, model FLOPs per
+image from XLA's cost analysis of the compiled step, achieved TFLOP/s and MFU, peak device memory,
+trace/compile time, and the images/s of the ancestral (DDPM) and DDIM samplers. Every timing is
+the median of `--repeats` repeats after a warm-up, read after `jax.block_until_ready`.
+
+Prints a table, then ONE line of JSON (the last line of stdout) for scripts to parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Config files import their base as `from configs import default` (as in ddpm_jax/main.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ddpm_jax import diffusion, sampling, sharding, train, unet, validate  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per chip (vendor figures), matched as substrings of device_kind.
+# Order matters: the first match wins ("TPU v5 lite" before "TPU v5").
+PEAK_TFLOPS_BY_KIND: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("TPU v6 lite", 918.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v4", 275.0),
+    ("TPU v3", 123.0),
+)
+
+# On a CPU a sampler call at the config's 1000 (ancestral) or 100 (DDIM) steps takes minutes.
+CPU_SAMPLING_TIMESTEPS = 10
+CPU_SAMPLE_IMAGES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to measure and how long; the command-line flags of the same names."""
+
+    repeats: int = 5
+    steps: int = 10  # training steps per timed repeat (rounded up to whole steps_per_call calls)
+    warmup: int = 1  # untimed calls after compilation
+    peak_tflops: float | None = None  # per device; None: from PEAK_TFLOPS_BY_KIND
+    sample_images: int | None = None  # None: a few on CPU, a full sampling batch elsewhere
+    sampling_timesteps: int | None = None  # None: few on CPU, the config's T / num_steps elsewhere
+    skip_sampling: bool = False
+
+
+class RecompileError(RuntimeError):
+    """The training step compiled (or traced) more than once during the benchmark."""
+
+
+def default_peak_tflops(device_kind: str) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device of this kind, or None (CPU, unknown kinds)."""
+    for key, peak in PEAK_TFLOPS_BY_KIND:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def cost_flops(compiled: Any) -> float | None:
+    """FLOPs of one device's program from XLA's cost analysis, or None where it has none.
+
+    jax 0.10 returns a dict; older versions returned a list with one dict per program.
+    """
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # some backends raise instead of returning nothing
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def peak_memory_bytes(devices: list) -> int | None:
+    """Largest `peak_bytes_in_use` over the devices; None without memory_stats (CPU)."""
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def median_seconds(run_once: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    """Median wall time of `run_once` (which must block until its work is done) over repeats."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def jit_cache_size(jitted: Any) -> int | None:
+    """Entries in a jitted function's executable cache (a private jax API, hence the guard)."""
+    size = getattr(jitted, "_cache_size", None)
+    return int(size()) if callable(size) else None
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet, tx, mesh,
+                    state_sharding) -> tuple[Callable, list, Callable]:
+    """(the step jitted as train_and_evaluate jits it, a list that grows once per trace of it,
+    the unjitted step)."""
+    sched = diffusion.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+    body = functools.partial(train.train_steps, model=model, tx=tx, sched=sched, config=config)
+    traces: list[None] = []
+
+    def step(state, batches, rng):
+        traces.append(None)  # a Python side effect: runs only when jax (re)traces the step
+        return body(state, batches, rng)
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sharding, sharding.batch(mesh, leading_dims=1), sharding.rep(mesh)),
+        out_shardings=(state_sharding, sharding.rep(mesh)),
+        donate_argnums=0,
+    )
+    return jitted, traces, body
+
+
+def fake_batches(mesh, steps_per_call: int, batch_size: int, size: int) -> jax.Array:
+    """Random uint8 images [K, B, H, W, 3], sharded on the batch axis and already on device."""
+    images = np.random.default_rng(0).integers(
+        0, 256, (steps_per_call, batch_size, size, size, 3), np.uint8)
+    return jax.device_put(images, sharding.batch(mesh, leading_dims=1))
+
+
+def train_flops_per_image(body: Callable, state, batches: jax.Array, rng, compiled,
+                          num_devices: int) -> float | None:
+    """Model FLOPs of one training step per image, from XLA's cost analysis.
+
+    The compiled program is one device's share of the step, so its count is divided by that
+    device's share of the batch. XLA counts a while loop's body once whatever its trip count, so
+    with steps_per_call > 1 (a lax.scan) the count comes from a one-step program instead.
+    """
+    per_device_batch = batches.shape[1] // num_devices
+    if batches.shape[0] == 1:
+        flops = cost_flops(compiled)
+    else:
+        one = jax.ShapeDtypeStruct((1, *batches.shape[1:]), batches.dtype,
+                                   sharding=batches.sharding)
+        # Its own jit of the uncounted step: the timed step keeps one trace and one cache entry.
+        flops = cost_flops(jax.jit(body).lower(state, one, rng).compile())
+    return flops / per_device_batch if flops else None
+
+
+def forward_flops_per_image(model: unet.UNet, params, size: int) -> float | None:
+    """FLOPs of one network evaluation (what a sampler pays per step) for one image."""
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    return cost_flops(apply.lower({"params": params}, x, t).compile())
+
+
+def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple[dict, Any]:
+    """Times the training step; returns its figures and the final state (for the samplers)."""
+    model = unet.from_config(config)
+    tx = train.make_optimizer(config)
+    size, n_dev = config.data.image_size, mesh.devices.size
+    init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=(size, size, 3))
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    state_sharding = sharding.replicated(mesh, jax.eval_shape(init_fn, init_rng))
+    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    K, B = config.training.steps_per_call, config.training.batch_size
+    batches = fake_batches(mesh, K, B, size)
+    jitted, traces, body = make_train_step(config, model, tx, mesh, state_sharding)
+
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batches, train_rng)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    flops_img = train_flops_per_image(body, state, batches, train_rng, compiled, n_dev)
+
+    # The calls below reuse the executable compiled above (jax caches the lowering and the
+    # compilation), which the trace count and cache size checked at the end confirm.
+    holder = {"state": state}
+
+    def run_calls(num_calls: int) -> None:
+        s = holder["state"]
+        for _ in range(num_calls):
+            s, metrics = jitted(s, batches, train_rng)
+        holder["state"] = jax.block_until_ready(s)
+        jax.block_until_ready(metrics)
+
+    t3 = time.perf_counter()
+    run_calls(max(opts.warmup, 1))
+    first_calls_s = time.perf_counter() - t3
+    calls = max(1, math.ceil(opts.steps / K))
+    median_s, times = median_seconds(functools.partial(run_calls, calls), opts.repeats)
+
+    step_s = median_s / (calls * K)
+    images_per_s = B / step_s
+    result = {
+        "params": int(num_params),
+        "train_images_per_s": images_per_s,
+        "train_step_s": step_s,
+        "train_repeat_s": times,
+        "train_steps_per_repeat": calls * K,
+        "flops_per_image": flops_img,
+        "forward_flops_per_image": forward_flops_per_image(model, state.params, size),
+        "achieved_tflops": flops_img * images_per_s / 1e12 if flops_img else None,
+        "peak_memory_bytes": peak_memory_bytes(mesh.devices.flat),
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "warmup_s": first_calls_s,
+        "compile_count": jit_cache_size(jitted),
+        "trace_count": len(traces),
+    }
+    return result, holder["state"]
+
+
+def sampler_settings(config: ml_collections.ConfigDict, sampler: str, timesteps: int | None
+                     ) -> tuple[ml_collections.ConfigDict, diffusion.Schedule, int]:
+    """(sampling config, schedule, network evaluations per image) for one sampler.
+
+    The ancestral sampler always runs all T steps, so fewer steps means a shorter schedule; DDIM
+    keeps the config's T and takes `timesteps` of its steps. A step costs the same whichever step
+    it is, so images/s scale as 1 / evaluations.
+    """
+    s = ml_collections.ConfigDict(config.sampling.to_dict())
+    s.sampler = sampler
+    d = config.diffusion
+    if sampler == "ddpm":
+        T = timesteps or d.num_timesteps
+        # DDPM's linear betas, stretched to a short T, pass 1 below T = 20 (NaN samples); the
+        # cosine schedule is valid at any T and costs the same per step.
+        name = d.beta_schedule if T == d.num_timesteps else "cosine"
+        return s, diffusion.make_schedule(name, T), T
+    s.num_steps = min(timesteps or s.num_steps, d.num_timesteps)
+    sched = diffusion.make_schedule(d.beta_schedule, d.num_timesteps)
+    return s, sched, len(sampling.ddim_timesteps(d.num_timesteps, s.num_steps))
+
+
+def bench_sampler(config: ml_collections.ConfigDict, mesh, params, sampler: str,
+                  num_images: int, timesteps: int | None, repeats: int) -> dict:
+    """Images/s of one sampler (median of repeats after a compiling call), one call per draw."""
+    s, sched, evals = sampler_settings(config, sampler, timesteps)
+    s.per_device_batch = num_images // mesh.devices.size  # the whole draw in one jitted call
+    size = config.data.image_size
+    draw = sampling.make_sampler(unet.from_config(config), sched, s, config.diffusion.prediction,
+                                 (size, size, 3), mesh)
+    rng = jax.random.key(config.seed)
+    t0 = time.perf_counter()
+    draw(params, rng, num_images)  # returns a host array: already synchronised
+    first_s = time.perf_counter() - t0
+    median_s, _ = median_seconds(lambda: draw(params, rng, num_images), repeats)
+    _, _, config_evals = sampler_settings(config, sampler, None)
+    return {
+        f"{sampler}_sample_steps": evals,
+        f"{sampler}_sample_images_per_s": num_images / median_s,
+        # What the config's own step count (e.g. T = 1000) would give, from the per-step rate.
+        f"{sampler}_sample_images_per_s_at_config_steps": num_images / median_s * evals
+        / config_evals,
+        f"{sampler}_sample_config_steps": config_evals,
+        f"{sampler}_sample_first_call_s": first_s,
+    }
+
+
+def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
+    """Benchmark `config` on all devices; returns the flat dict printed as the JSON line."""
+    validate.check_config(config, jax.device_count())
+    mesh = sharding.make_mesh()
+    devices = list(mesh.devices.flat)
+    kind, n_dev = devices[0].device_kind, len(devices)
+    on_cpu = devices[0].platform == "cpu"
+    peak = opts.peak_tflops if opts.peak_tflops is not None else default_peak_tflops(kind)
+
+    result: dict[str, Any] = {
+        "benchmark": "ddpm_jax",
+        "jax_version": jax.__version__,
+        "platform": devices[0].platform,
+        "device_kind": kind,
+        "device_count": n_dev,
+        "batch_size": config.training.batch_size,
+        "steps_per_call": config.training.steps_per_call,
+        "image_size": config.data.image_size,
+        "dtype": config.model.dtype,
+        "attention_impl": config.model.attention_impl,
+        "remat": config.model.remat,
+    }
+    train_result, state = bench_train(config, mesh, opts)
+    result.update(train_result)
+    achieved = result["achieved_tflops"]
+    result["peak_tflops_per_device"] = peak
+    result["mfu"] = achieved / (peak * n_dev) if achieved and peak else None
+
+    if not opts.skip_sampling:
+        per_dev = opts.sample_images or (
+            CPU_SAMPLE_IMAGES if on_cpu else config.sampling.per_device_batch * n_dev)
+        num_images = -(-per_dev // n_dev) * n_dev  # a whole number of images per device
+        timesteps = opts.sampling_timesteps or (CPU_SAMPLING_TIMESTEPS if on_cpu else None)
+        result["sample_images"] = num_images
+        for sampler in sampling.SAMPLERS:
+            result.update(bench_sampler(config, mesh, state.ema_params, sampler, num_images,
+                                        timesteps, opts.repeats))
+    result["repeats"] = opts.repeats
+    return result
+
+
+def check_compiled_once(result: dict) -> None:
+    """The step must trace and compile once: a second entry means a shape/sharding/dtype drift."""
+    counts = (result["compile_count"], result["trace_count"])
+    if any(c is not None and c != 1 for c in counts):
+        raise RecompileError(
+            f"the training step compiled {counts[0]} and traced {counts[1]} times (expected 1)")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def format_table(result: dict) -> str:
+    """Human-readable two-column table, with FLOPs in GFLOPs and memory in GiB."""
+    shown = dict(result)
+    for key in ("flops_per_image", "forward_flops_per_image"):
+        if shown.get(key):
+            shown[key.replace("flops", "gflops")] = shown.pop(key) / 1e9
+    if shown.get("peak_memory_bytes"):
+        shown["peak_memory_gib"] = shown.pop("peak_memory_bytes") / 2**30
+    shown["params_M"] = shown.pop("params") / 1e6
+    width = max(len(k) for k in shown)
+    return "\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in shown.items())
+
+
+def to_json_line(result: dict) -> str:
+    """One line of strict JSON (no NaN/Infinity: non-finite floats become null)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in result.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_float("peak_tflops", None,
+                   "Peak TFLOP/s per device for MFU. Default: dense bf16 peak by device kind "
+                   "(H100/H200 989, A100 312, TPU v5e 197, v4 275, v3 123); none on CPU.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+flags.DEFINE_integer("steps", 10, "Training steps per timed repeat.")
+flags.DEFINE_integer("warmup", 1, "Untimed training calls after compilation.")
+flags.DEFINE_integer("sample_images", None,
+                     f"Images per sampler call. Default: {CPU_SAMPLE_IMAGES} on CPU, else "
+                     "sampling.per_device_batch per device.")
+flags.DEFINE_integer("sampling_timesteps", None,
+                     f"Network evaluations per sample (the ancestral sampler's T and DDIM's "
+                     f"steps). Default: {CPU_SAMPLING_TIMESTEPS} on CPU, else the config's.")
+flags.DEFINE_bool("skip_sampling", False, "Time the training step only.")
+flags.mark_flags_as_required(["config"])
+
+
+def report(result: dict) -> None:
+    """The table, then the JSON line last (what scripts read)."""
+    print(format_table(result))
+    print(to_json_line(result), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    opts = Options(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                   peak_tflops=FLAGS.peak_tflops, sample_images=FLAGS.sample_images,
+                   sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling)
+    try:
+        result = run(FLAGS.config, opts)
+    except validate.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    report(result)
+    check_compiled_once(result)
+
+
+if __name__ == "__main__":
+    app.run(main)

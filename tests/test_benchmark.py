@@ -1,0 +1,133 @@
+"""The benchmark end to end on the tiny config: the JSON line's fields, FLOPs, one compile."""
+
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import tiny_config
+
+from ddpm_jax import benchmark, unet
+
+SAMPLING_TIMESTEPS = 10
+
+
+def feature_side(module: str, size: int, levels: int) -> int:
+    """Side of the feature map a top-level U-Net module writes, read from its name."""
+    m = re.fullmatch(r"(?:down|up)(\d+)_(res|attn|downsample|upsample)\d*", module)
+    if m is None:  # conv_in, conv_out (full size), mid_* (lowest level), temb* (not spatial)
+        return size >> (levels - 1) if module.startswith("mid") else size
+    level, kind = int(m.group(1)), m.group(2)
+    return size >> {"downsample": level + 1, "upsample": level - 1}.get(kind, level)
+
+
+def analytic_train_flops(params, size: int, levels: int) -> float:
+    """Multiply-adds of every conv, dense and attention product, x2 FLOPs, x3 for fwd + bwd.
+
+    Dense layers on the timestep embedding run once per image; the others once per pixel.
+    Normalisations, activations and the optimizer are left out (a lower bound, roughly).
+    """
+    macs = 0
+    for path, kernel in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [p.key for p in path]
+        if names[-1] != "kernel":
+            continue
+        pixels = feature_side(names[0], size, levels) ** 2
+        per_image = names[0].startswith("temb") or names[-2] == "Dense_0"  # Dense_0: temb proj.
+        macs += math.prod(kernel.shape) * (1 if per_image else pixels)
+        if names[-2] == "q":  # q k^T and the weighted sum of v: 2 N^2 C
+            macs += 2 * pixels**2 * kernel.shape[-1]
+    return 2 * 3 * macs  # the backward pass costs about twice the forward
+
+
+@pytest.fixture(scope="module")
+def config():
+    c = tiny_config()
+    c.training.batch_size = 8
+    return c
+
+
+@pytest.fixture(scope="module")
+def record(config):
+    """One benchmark run, reported as on the command line; returns (result, parsed JSON line)."""
+    opts = benchmark.Options(repeats=2, steps=2, peak_tflops=1.0, sample_images=8,
+                             sampling_timesteps=SAMPLING_TIMESTEPS)
+    result = benchmark.run(config, opts)
+    return result, opts
+
+
+def test_json_line_has_every_field_and_is_the_last_line(record, capsys):
+    result, _ = record
+    benchmark.report(result)
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsed = json.loads(lines[-1])
+    assert parsed == json.loads(benchmark.to_json_line(result))
+    assert not any(line.startswith("{") for line in lines[:-1])  # ONE JSON line
+    assert "compile_count" in "\n".join(lines[:-1])  # the table shows the compile check
+
+    positive = ["train_images_per_s", "train_step_s", "flops_per_image",
+                "forward_flops_per_image", "achieved_tflops", "mfu", "lower_s", "compile_s",
+                "params", "ddpm_sample_images_per_s", "ddim_sample_images_per_s",
+                "ddpm_sample_images_per_s_at_config_steps",
+                "ddim_sample_images_per_s_at_config_steps"]
+    for key in positive:
+        assert isinstance(parsed[key], (int, float)) and math.isfinite(parsed[key]), key
+        assert parsed[key] > 0, key
+    assert parsed["peak_memory_bytes"] is None  # CPU devices have no memory_stats
+    assert parsed["device_count"] == jax.device_count() == 8
+    assert (parsed["batch_size"], parsed["image_size"]) == (8, 8)
+    assert parsed["jax_version"] == jax.__version__
+    assert parsed["ddpm_sample_steps"] == parsed["ddim_sample_steps"] == SAMPLING_TIMESTEPS
+    assert parsed["ddpm_sample_config_steps"] == 20  # the tiny config's T
+    assert len(parsed["train_repeat_s"]) == parsed["repeats"] == 2
+
+
+def test_flops_match_an_analytic_count_and_exceed_the_forward_pass(record, config):
+    result, _ = record
+    model = unet.from_config(config)
+    size, levels = config.data.image_size, len(config.model.ch_mult)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                               jnp.zeros((1,), jnp.int32)))["params"]
+    assert result["params"] == sum(x.size for x in jax.tree.leaves(params))
+    analytic = analytic_train_flops(params, size, levels)
+    assert analytic / 2 < result["flops_per_image"] < 2 * analytic, (result, analytic)
+    assert result["flops_per_image"] > 2 * result["forward_flops_per_image"]
+
+
+def test_mfu_is_achieved_over_peak_of_all_devices(record):
+    result, opts = record
+    achieved = result["flops_per_image"] * result["train_images_per_s"] / 1e12
+    assert result["achieved_tflops"] == pytest.approx(achieved)
+    assert result["mfu"] == pytest.approx(achieved / (opts.peak_tflops * 8))
+
+
+def test_the_step_compiled_and_traced_once(record):
+    result, _ = record
+    assert result["compile_count"] == 1 and result["trace_count"] == 1
+    benchmark.check_compiled_once(result)
+    with pytest.raises(benchmark.RecompileError):
+        benchmark.check_compiled_once({**result, "compile_count": 2})
+
+
+def test_default_peak_by_device_kind():
+    assert benchmark.default_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert benchmark.default_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert benchmark.default_peak_tflops("TPU v5 lite") == 197.0
+    assert benchmark.default_peak_tflops("TPU v4") == 275.0
+    assert benchmark.default_peak_tflops("cpu") is None
+
+
+def test_cost_flops_reads_dicts_and_lists():
+    class Compiled:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def cost_analysis(self):
+            return self.analysis
+
+    assert benchmark.cost_flops(Compiled({"flops": 6.0})) == 6.0
+    assert benchmark.cost_flops(Compiled([{"flops": 6.0}])) == 6.0  # jax < 0.4.30
+    assert benchmark.cost_flops(Compiled(None)) is None
+    assert benchmark.to_json_line({"x": float("nan")}) == '{"x": null}'
