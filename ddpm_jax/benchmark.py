@@ -230,7 +230,8 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
         "train_repeat_s": times,
         "train_steps_per_repeat": calls * K,
         "flops_per_image": flops_img,
-        "forward_flops_per_image": forward_flops_per_image(model, state.params, size),
+        # `state` was donated to the first call: its arrays are gone, the current ones are here.
+        "forward_flops_per_image": forward_flops_per_image(model, holder["state"].params, size),
         "achieved_tflops": flops_img * images_per_s / 1e12 if flops_img else None,
         "peak_memory_bytes": peak_memory_bytes(mesh.devices.flat),
         "lower_s": t1 - t0,
