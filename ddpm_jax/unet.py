@@ -23,6 +23,14 @@ def _init(scale: float = 1.0):
     return nn.initializers.variance_scaling(max(scale, 1e-10), "fan_avg", "uniform")
 
 
+def upsample_nearest(x_BHWC: jax.Array) -> jax.Array:
+    """2x nearest-neighbour upsampling as a broadcast: its gradient is a sum over each 2x2 block,
+    where jax.image.resize's gather lowers to a scatter-add (~30x slower on XLA:CPU)."""
+    B, H, W, C = x_BHWC.shape
+    x = jnp.broadcast_to(x_BHWC[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+    return x.reshape(B, 2 * H, 2 * W, C)
+
+
 def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
     """Sinusoidal embedding of (integer) timesteps, [B] -> [B, dim], sin half then cos half."""
     half = dim // 2
@@ -120,9 +128,9 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = attn(name=f"up{level}_attn{i}")(h)
             if level != 0:
-                B, H, W, C = h.shape
-                h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
-                h = conv(C, kernel_init=_init(), name=f"up{level}_upsample")(h)
+                h = conv(h.shape[-1], kernel_init=_init(), name=f"up{level}_upsample")(
+                    upsample_nearest(h)
+                )
         assert not hs, "every skip connection is consumed"
 
         h = nn.swish(nn.GroupNorm(num_groups=32, dtype=self.dtype, name="norm_out")(h))

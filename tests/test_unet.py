@@ -78,3 +78,13 @@ def test_image_size_check():
     unet.check_image_size(32, (1, 2, 2, 2))
     with pytest.raises(ValueError, match="data.image_size=36 is not divisible by .*=8"):
         unet.check_image_size(36, (1, 2, 2, 2))
+
+
+def test_upsample_is_nearest_neighbour_resize():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    want = jax.image.resize(x, (2, 6, 10, 4), "nearest")
+    np.testing.assert_array_equal(unet.upsample_nearest(x), want)
+    # Each input pixel feeds a 2x2 block, so its gradient is the sum over that block.
+    g = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
+    (grad,) = jax.vjp(unet.upsample_nearest, x)[1](g)
+    np.testing.assert_allclose(grad, g.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4)), rtol=1e-6)
