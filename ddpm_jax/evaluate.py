@@ -16,8 +16,9 @@ holds out for its validation loss, as in the usual 50k-image CIFAR-10 statistics
 random subset of `eval.reference_num_examples`), resized to `data.image_size` exactly as for
 training but never flipped, and cached under `<cache dir>/fid_stats/`. Samples are drawn in
 chunks of `sampling.per_device_batch` images per device and streamed through Inception in batches
-of `eval.batch_size`, so memory does not grow with `eval.num_samples`. Chunk i uses the key
-`fold_in(key(config.seed), i)`: results are reproducible for a given seed, sampler and chunk size.
+of `eval.batch_size`, so memory does not grow with `eval.num_samples`. Sample i uses the key
+`fold_in(key(config.seed), i)`, as in `--mode=sample`: the samples are the same whatever the chunk
+size or device count, so a score is reproducible from the seed and sampler settings alone.
 
 Multi-process: every process receives all samples (the sampler all-gathers them) and runs
 Inception on its local devices over all of them, so every process holds identical statistics;
@@ -264,14 +265,16 @@ def _sample_batches(
 ) -> Iterator[np.ndarray]:
     """Draw `num_samples` images `chunk` at a time, re-cut into batches of `batch_size`.
 
-    Every call draws a full chunk (one compiled shape; the surplus of the last is dropped), with
-    key `fold_in(rng, chunk_index)`. At most one chunk plus one batch is held at a time.
+    Every call draws a full chunk (one compiled shape; the surplus of the last is dropped). Image
+    i is `draw`'s image i of `rng` whatever the chunk size, so the samples (and the FID) do not
+    depend on `sampling.per_device_batch` or the device count. At most one chunk plus one batch
+    is held at a time.
     """
     pending: np.ndarray | None = None
     num_chunks = -(-num_samples // chunk)
     t0 = time.time()
     for i in range(num_chunks):
-        images = draw(params, jax.random.fold_in(rng, i), chunk)[: num_samples - i * chunk]
+        images = draw(params, rng, chunk, start=i * chunk)[: num_samples - i * chunk]
         pending = images if pending is None else np.concatenate([pending, images])
         while len(pending) >= batch_size:
             yield pending[:batch_size]

@@ -89,10 +89,11 @@ def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
 
 def make_sampler(model, sched, sampling_config, prediction: str, image_shape, mesh,
                  progress: bool = False):
-    """Build (and jit, once) a function (params, rng, num_samples) -> uint8 [N, H, W, 3] on host.
+    """Build (and jit, once) a function (params, rng, num_samples, start=0) -> uint8 [N, H, W, C]
+    on host: images start .. start + num_samples - 1 of `rng`.
 
     Images are drawn in calls of `per_device_batch` images per device; image i of a seed is the
-    same whatever the call size or device count.
+    same whatever the call size, the device count or how the range is split into calls.
     """
     s = sampling_config
     if s.sampler == "ddpm":
@@ -112,15 +113,16 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
 
     n_dev = mesh.devices.size
 
-    def draw(params, rng, num_samples: int) -> np.ndarray:
+    def draw(params, rng, num_samples: int, start: int = 0) -> np.ndarray:
         per_call = min(s.per_device_batch * n_dev, -(-num_samples // n_dev) * n_dev)
         out, t0 = [], time.time()
-        for start in range(0, num_samples, per_call):
-            index = sharding.global_batch(mesh, np.arange(start, start + per_call, dtype=np.int32))
+        for first in range(0, num_samples, per_call):
+            index = np.arange(start + first, start + first + per_call, dtype=np.int32)
+            index = sharding.global_batch(mesh, index)
             images = multihost_utils.process_allgather(sample_uint8(params, rng, index), tiled=True)
             out.append(np.asarray(images))
             if progress:
-                done = min(start + per_call, num_samples)
+                done = min(first + per_call, num_samples)
                 rate = done / (time.time() - t0)
                 logging.info("Sampled %d/%d images (%.1f img/s, ETA %.0f s).", done,
                              num_samples, rate, (num_samples - done) / rate)
