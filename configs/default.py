@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_split = ""  # tfds split for the validation loss; '' holds out training images
     data.data_dir = ""  # tfds data_dir ('' = tfds default; use it for manually downloaded data)
     data.image_size = 32  # square training resolution
+    data.channels = 3  # 3: RGB; 1: greyscale (images are converted; the model draws grey)
     data.resize = "center_crop"  # 'center_crop' (keep aspect, crop the middle) or 'stretch'
     data.random_flip = True  # random horizontal flips, drawn on device from the step's key
     data.cache = True  # keep decoded, resized uint8 images in memory when they fit...

@@ -37,7 +37,15 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import diffusion, sampling, sharding, train, unet, validate  # noqa: E402
+from ddpm_jax import (  # noqa: E402
+    diffusion,
+    input_pipeline,
+    sampling,
+    sharding,
+    train,
+    unet,
+    validate,
+)
 
 # Dense bf16 peak TFLOP/s per chip (vendor figures), matched as substrings of device_kind.
 # Order matters: the first match wins ("TPU v5 lite" before "TPU v5").
@@ -148,10 +156,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet, tx, mes
     return jitted, traces, body
 
 
-def fake_batches(mesh, steps_per_call: int, batch_size: int, size: int) -> jax.Array:
-    """Random uint8 images [K, B, H, W, 3], sharded on the batch axis and already on device."""
+def fake_batches(mesh, steps_per_call: int, batch_size: int, shape: tuple) -> jax.Array:
+    """Random uint8 images [K, B, H, W, C], sharded on the batch axis and already on device."""
     images = np.random.default_rng(0).integers(
-        0, 256, (steps_per_call, batch_size, size, size, 3), np.uint8)
+        0, 256, (steps_per_call, batch_size, *shape), np.uint8)
     return jax.device_put(images, sharding.batch(mesh, leading_dims=1))
 
 
@@ -174,9 +182,9 @@ def train_flops_per_image(body: Callable, state, batches: jax.Array, rng, compil
     return flops / per_device_batch if flops else None
 
 
-def forward_flops_per_image(model: unet.UNet, params, size: int) -> float | None:
+def forward_flops_per_image(model: unet.UNet, params, shape: tuple) -> float | None:
     """FLOPs of one network evaluation (what a sampler pays per step) for one image."""
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     apply = jax.jit(functools.partial(model.apply, train=False))
     return cost_flops(apply.lower({"params": params}, x, t).compile())
@@ -186,15 +194,15 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     """Times the training step; returns its figures and the final state (for the samplers)."""
     model = unet.from_config(config)
     tx = train.make_optimizer(config)
-    size, n_dev = config.data.image_size, mesh.devices.size
-    init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=(size, size, 3))
+    shape, n_dev = input_pipeline.image_shape(config.data), mesh.devices.size
+    init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=shape)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     state_sharding = sharding.replicated(mesh, jax.eval_shape(init_fn, init_rng))
     state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     K, B = config.training.steps_per_call, config.training.batch_size
-    batches = fake_batches(mesh, K, B, size)
+    batches = fake_batches(mesh, K, B, shape)
     jitted, traces, body = make_train_step(config, model, tx, mesh, state_sharding)
 
     t0 = time.perf_counter()
@@ -231,7 +239,7 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
         "train_steps_per_repeat": calls * K,
         "flops_per_image": flops_img,
         # `state` was donated to the first call: its arrays are gone, the current ones are here.
-        "forward_flops_per_image": forward_flops_per_image(model, holder["state"].params, size),
+        "forward_flops_per_image": forward_flops_per_image(model, holder["state"].params, shape),
         "achieved_tflops": flops_img * images_per_s / 1e12 if flops_img else None,
         "peak_memory_bytes": peak_memory_bytes(mesh.devices.flat),
         "lower_s": t1 - t0,
@@ -270,9 +278,8 @@ def bench_sampler(config: ml_collections.ConfigDict, mesh, params, sampler: str,
     """Images/s of one sampler (median of repeats after a compiling call), one call per draw."""
     s, sched, evals = sampler_settings(config, sampler, timesteps)
     s.per_device_batch = num_images // mesh.devices.size  # the whole draw in one jitted call
-    size = config.data.image_size
     draw = sampling.make_sampler(unet.from_config(config), sched, s, config.diffusion.prediction,
-                                 (size, size, 3), mesh)
+                                 input_pipeline.image_shape(config.data), mesh)
     rng = jax.random.key(config.seed)
     t0 = time.perf_counter()
     draw(params, rng, num_images)  # returns a host array: already synchronised

@@ -142,6 +142,8 @@ def reference_key(config: ml_collections.ConfigDict) -> str:
     d = config.data
     where = os.path.abspath(os.path.expanduser(d.path)) if d.source == "folder" else d.name
     name = f"{d.source}:{where}:{d.resize}"
+    if input_pipeline.image_shape(d)[-1] == 1:  # greyscale statistics differ from RGB ones
+        name += ":grey"
     return fid.stats_key(
         name, _reference_split(config), d.image_size, config.eval.reference_num_examples or None
     )
@@ -186,7 +188,7 @@ def _prefetched(produce: Callable[[int], np.ndarray], n: int) -> Iterator[np.nda
 
 
 def _reference_batches(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
-    """uint8 [B, S, S, 3] batches of the unaugmented reference images."""
+    """uint8 [B, S, S, C] batches of the unaugmented reference images."""
     dataset = _reference_dataset(config)
     try:
         ids = _reference_ids(dataset, config.eval.reference_num_examples)
@@ -343,8 +345,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  ev.num_samples)
     ref, key = reference(config, inception_params, apply_fn, _local_mesh())
 
-    size = config.data.image_size
-    draw = _make_draw(config, sampler.model, sampler.mesh, (size, size, 3))
+    draw = _make_draw(config, sampler.model, sampler.mesh,
+                      input_pipeline.image_shape(config.data))
     chunk = sample_chunk_size(config, sampler.mesh)
     stats = sample_stats(config, draw, sampler.params, ev.num_samples, chunk, inception_params,
                          apply_fn, progress=True)

@@ -206,6 +206,8 @@ def extract_features(
     mesh: Mesh | None = None,
 ) -> FeatureStats:
     """Run the jitted Inception over batches of [B, H, W, 3] uint8 images into a FeatureStats.
+    Greyscale batches [B, H, W, 1] go in as RGB with three equal channels (as pytorch-fid's
+    `convert('RGB')` does).
 
     Every batch is zero-padded to the size of the first one (rounded up to a multiple of the
     mesh size), so the network compiles once; padded rows are dropped. With `mesh`, batches are
@@ -220,6 +222,8 @@ def extract_features(
     width, pending = None, None
     for images in images_iter:
         images = np.asarray(images)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
         n = len(images)
         if width is None:
             shards = mesh.devices.size if mesh is not None else 1

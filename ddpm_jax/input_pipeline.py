@@ -16,9 +16,9 @@ Sources (`data.source`):
   * 'embedded': 'lfw_faces', the 100 LFW face crops that ship with scikit-image.
 
 Every image becomes RGB (transparency composited on white, 16-bit greyscale scaled to 8 bits,
-EXIF orientation applied) and `data.image_size` square by `data.resize`: 'center_crop' (the
-largest centred square, then resized) or 'stretch' (whole image squashed to a square), with
-Lanczos resampling.
+EXIF orientation applied), or greyscale (PIL's luma of that RGB) with `data.channels=1`, and
+`data.image_size` square by `data.resize`: 'center_crop' (the largest centred square, then
+resized) or 'stretch' (whole image squashed to a square), with Lanczos resampling.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SOURCES = ("folder", "tfds", "embedded")
+CHANNELS = (1, 3)  # greyscale or RGB
 RESIZE_POLICIES = ("center_crop", "stretch")
 EMBEDDED_DATASETS = ("lfw_faces",)
 _LFW_NUM_FACES = 100  # skimage.data.lfw_subset(): the first 100 of its 200 crops are faces
@@ -73,6 +74,7 @@ class _Settings:
     eval_split: str = ""
     data_dir: str = ""
     image_size: int = 32
+    channels: int = 3
     resize: str = "center_crop"
     cache: bool = True
     cache_max_gb: float = 4.0
@@ -90,6 +92,8 @@ def _read_settings(data_config: Any) -> _Settings:
     s = _Settings(**fields)
     if s.source not in SOURCES:
         raise InputError(f"data.source={s.source!r} is not one of {SOURCES}")
+    if s.channels not in CHANNELS or isinstance(s.channels, bool):
+        raise InputError(f"data.channels={s.channels!r} is not one of {CHANNELS} (grey, RGB)")
     if s.resize not in RESIZE_POLICIES:
         raise InputError(f"data.resize={s.resize!r} is not one of {RESIZE_POLICIES}")
     for key, minimum in (
@@ -145,8 +149,15 @@ def _fit(im: Image.Image, size: int, resize: str) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
-def _load_rgb(item: Item, size: int, resize: str) -> np.ndarray:
-    """Decodes one path / encoded bytes / array into uint8 [size, size, 3]. Raises if unreadable."""
+def image_shape(data_config: Any) -> tuple[int, int, int]:
+    """(H, W, C) of the training images, and so of the model's input, output and samples.
+    Configs saved before `data.channels` existed were RGB."""
+    return (data_config.image_size, data_config.image_size, data_config.get("channels", 3))
+
+
+def _load(item: Item, size: int, resize: str, channels: int) -> np.ndarray:
+    """Decodes one path / encoded bytes / array into uint8 [size, size, channels]. Raises if
+    unreadable."""
     if isinstance(item, np.ndarray):
         im = Image.fromarray(item)
     else:
@@ -156,7 +167,10 @@ def _load_rgb(item: Item, size: int, resize: str) -> np.ndarray:
         im.draft(None, (size, size))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)
-        return np.asarray(_fit(_to_rgb(im), size, resize), dtype=np.uint8)
+        im = _fit(_to_rgb(im), size, resize)
+        if channels == 1:
+            return np.asarray(im.convert("L"), dtype=np.uint8)[..., None]
+        return np.asarray(im, dtype=np.uint8)
 
 
 def _probe(path: str) -> str | None:
@@ -182,18 +196,23 @@ class _Decoder:
     """Decodes batches of items on a thread pool (PIL releases the GIL while decoding)."""
 
     size: int
+    channels: int
     resize: str
     pool: concurrent.futures.ThreadPoolExecutor | None
     num_workers: int
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, self.channels)
+
     def one(self, item: Item) -> np.ndarray:
-        return _load_rgb(item, self.size, self.resize)
+        return _load(item, self.size, self.resize, self.channels)
 
     def many(
         self, items: Sequence[Item], ids: np.ndarray
     ) -> tuple[np.ndarray, dict[int, Exception]]:
-        """Decodes items[ids] -> (uint8 [len(ids), S, S, 3], {row: error} for failed rows)."""
-        out = np.zeros((len(ids), self.size, self.size, 3), np.uint8)
+        """Decodes items[ids] -> (uint8 [len(ids), S, S, C], {row: error} for failed rows)."""
+        out = np.zeros((len(ids), *self.shape), np.uint8)
 
         def work(rows: np.ndarray) -> dict[int, Exception]:
             errors = {}
@@ -306,8 +325,8 @@ def _open_embedded(name: str) -> _Source:
     faces = np.asarray(skimage.data.lfw_subset()[:_LFW_NUM_FACES])
     if faces.dtype != np.uint8:  # documented as uint8, but skimage 0.26 returns floats in [0, 1]
         faces = np.clip(np.rint(faces * 255.0), 0, 255).astype(np.uint8)
-    rgb = np.repeat(faces[..., None], 3, axis=-1)
-    return _Source(f"data.name={name!r}", list(rgb), np.ones(len(rgb), bool))
+    # Greyscale crops: decoded like any image, to RGB (three equal channels) or to one channel.
+    return _Source(f"data.name={name!r}", list(faces), np.ones(len(faces), bool))
 
 
 def _take_decodable(
@@ -327,8 +346,7 @@ def _take_decodable(
             else:
                 chosen.append(int(i))
                 images.append(decoded[row])
-    shape = (0, decoder.size, decoder.size, 3)
-    stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
+    stacked = np.stack(images) if images else np.zeros((0, *decoder.shape), np.uint8)
     return np.array(chosen, np.int64), stacked, failed
 
 
@@ -477,7 +495,7 @@ class ImageDataset:
         prefetch: int,
     ):
         self.num_examples = len(train_indices)
-        self.image_shape = (decoder.size, decoder.size, 3)
+        self.image_shape = decoder.shape
         self.train_indices = np.asarray(train_indices, np.int64)
         self.eval_indices = np.asarray(eval_indices, np.int64)
         self.global_batch_size = global_batch_size
@@ -520,7 +538,7 @@ class ImageDataset:
         return out
 
     def local_batch(self, step: int) -> np.ndarray:
-        """uint8 [global_batch // process_count, H, W, 3]: this process's slice at `step`."""
+        """uint8 [global_batch // process_count, H, W, C]: this process's slice at `step`."""
         return self.images(self.global_indices(step)[self._local_rows])
 
     def iterate(
@@ -529,7 +547,7 @@ class ImageDataset:
         sharding: jax.sharding.NamedSharding,
         steps_per_call: int = 1,
     ) -> PrefetchIterator:
-        """Global uint8 arrays [steps_per_call, global_batch, H, W, 3]; call k holds steps
+        """Global uint8 arrays [steps_per_call, global_batch, H, W, C]; call k holds steps
         start_step + k * steps_per_call + (0 .. steps_per_call - 1), sharded by `sharding`
         (NamedSharding(mesh, P(None, 'data'))). `data.prefetch` arrays are built ahead on a
         daemon thread; close() the iterator (or use `with`) to stop it early.
@@ -555,7 +573,7 @@ class ImageDataset:
         return PrefetchIterator(produce, self.prefetch)
 
     def images(self, ids: np.ndarray) -> np.ndarray:
-        """uint8 [len(ids), H, W, 3] for dataset indices `ids`, through the cache if enabled."""
+        """uint8 [len(ids), H, W, C] for dataset indices `ids`, through the cache if enabled."""
         ids = np.asarray(ids, np.int64)
         unique = np.unique(ids)
         if self._cache is None:
@@ -632,7 +650,7 @@ def create_datasets(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tuple[ImageDataset, np.ndarray]:
-    """Returns (train dataset, held-out eval images as uint8 [n_eval, H, W, 3]).
+    """Returns (train dataset, held-out eval images as uint8 [n_eval, H, W, C]).
 
     All validation happens here, eagerly: bad settings or too little usable data raise InputError
     with a one-line message naming the culprit and the counts.
@@ -655,7 +673,7 @@ def create_datasets(
         if s.num_workers > 1
         else None
     )
-    decoder = _Decoder(s.image_size, s.resize, pool, s.num_workers)
+    decoder = _Decoder(s.image_size, s.channels, s.resize, pool, s.num_workers)
     try:
         return _build(s, decoder, seed, global_batch_size, process_index, process_count)
     except BaseException:
@@ -720,7 +738,7 @@ def _build(
         eval_images, n_failed = _eval_from_split(s, decoder)
         skipped += n_failed
     else:
-        eval_images = np.zeros((0, s.image_size, s.image_size, 3), np.uint8)
+        eval_images = np.zeros((0, *decoder.shape), np.uint8)
     train_ids = np.flatnonzero(in_train)
     if len(eval_images) < n_held or len(train_ids) < global_batch_size:
         raise InputError(
@@ -729,7 +747,7 @@ def _build(
             f"global_batch_size={global_batch_size}"
         )
 
-    size_gb = len(source.items) * s.image_size**2 * 3 / 2**30
+    size_gb = len(source.items) * s.image_size**2 * s.channels / 2**30
     cache = bool(s.cache) and size_gb <= s.cache_max_gb
     logger.info(
         "%s: %d training + %d eval images at %dx%d, %d unreadable skipped; %s",
@@ -761,7 +779,7 @@ def _build(
 
 
 def to_model_input(images_uint8: jax.Array, rng: jax.Array, random_flip: bool) -> jax.Array:
-    """uint8 [..., H, W, 3] -> float32 in [-1, 1], each image flipped left-right with probability
+    """uint8 [..., H, W, C] -> float32 in [-1, 1], each image flipped left-right with probability
     1/2 when `random_flip` (a Python bool: static under jit).
 
     The flips are drawn at the global shape from `rng`, so the result does not depend on how the

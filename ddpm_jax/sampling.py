@@ -7,7 +7,7 @@ Library use (e.g. in a notebook):
 
     from ddpm_jax import sampling
     sampler = sampling.Sampler.from_workdir("runs/quickstart")
-    images = sampler.sample(16, seed=0)      # uint8 [16, H, W, 3]
+    images = sampler.sample(16, seed=0)      # uint8 [16, H, W, C]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, sharding, unet
+from ddpm_jax import diffusion, input_pipeline, sharding, unet
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -152,7 +152,7 @@ def write_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(image).save(path)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)  # 1: greyscale
 
 
 @dataclasses.dataclass
@@ -182,10 +182,10 @@ class Sampler:
             config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1] if step < 0 else step))
         mesh = sharding.make_mesh()
         model = unet.from_config(config)
-        size = config.data.image_size
+        shape = input_pipeline.image_shape(config.data)
         abstract = jax.eval_shape(
             lambda: train.init_state(jax.random.key(0), model, train.make_optimizer(config),
-                                     (size, size, 3)).ema_params)
+                                     shape).ema_params)
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
         step, params = ckpt.restore_ema_params(abstract, step)
         ckpt.close()
@@ -193,14 +193,13 @@ class Sampler:
 
     def sample(self, num_samples: int, seed: int = 0, progress: bool = False,
                **overrides) -> np.ndarray:
-        """uint8 images [num_samples, H, W, 3]; `overrides` replace sampling config fields."""
+        """uint8 images [num_samples, H, W, C]; `overrides` replace sampling config fields."""
         s = ml_collections.ConfigDict(self.config.sampling.to_dict())
         s.update(overrides)
         c = self.config
         sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
-        size = c.data.image_size
-        draw = make_sampler(self.model, sched, s, c.diffusion.prediction, (size, size, 3),
-                            self.mesh, progress)
+        draw = make_sampler(self.model, sched, s, c.diffusion.prediction,
+                            input_pipeline.image_shape(c.data), self.mesh, progress)
         return draw(self.params, jax.random.key(seed), num_samples)
 
 

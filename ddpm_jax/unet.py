@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import input_pipeline
+
 
 def _init(scale: float = 1.0):
     # DDPM's default_init: variance scaling, fan_avg, uniform. Layers whose output is added to a
@@ -157,7 +159,7 @@ def from_config(config) -> UNet:
         num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions),
         dropout=m.dropout,
-        out_ch=3,
+        out_ch=input_pipeline.image_shape(config.data)[-1],
         dtype=jnp.dtype(m.dtype),
         attention_impl=impl,
         remat=m.remat,

@@ -45,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
              "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
     _one_of(config, "data.resize", ("center_crop", "stretch"))
     size = _positive_int(config, "data.image_size")
+    _one_of(config, "data.channels", (1, 3))
 
     _positive_int(config, "model.ch")
     _require(m.ch % 32 == 0, f"model.ch={m.ch}: must be a multiple of 32 (GroupNorm's 32 groups)")

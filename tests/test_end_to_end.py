@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from PIL import Image
 
 from configs import default
 from ddpm_jax import checkpoint, sampling, train
@@ -169,3 +170,19 @@ def test_unwritable_workdir_and_missing_checkpoint(tmp_path):
                             env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"no checkpoint in {tmp_path}/empty/checkpoints" in result.stderr
+
+
+def test_greyscale_training_samples_grey_pngs(tmp_path):
+    config = tiny_config()
+    config.data.channels = 1
+    config.training.num_train_steps = 2
+    config.training.sample_every_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    assert Image.open(tmp_path / "samples" / "train_step_00000002.png").mode == "L"
+    sampler = sampling.Sampler.from_workdir(str(tmp_path))  # the config saved with the run
+    assert sampler.model.out_ch == 1
+    out = sampling.sample_and_write(sampler.config, str(tmp_path))
+    images = np.load(os.path.join(out, "samples.npz"))["images"]
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+    with Image.open(os.path.join(out, "00000.png")) as png:
+        assert png.mode == "L" and np.array_equal(np.asarray(png), images[0, ..., 0])

@@ -349,6 +349,13 @@ def test_extract_features_streams_and_pads(variables, apply_fn):
         np.testing.assert_allclose(sharded.mean_cov()[0], mu, rtol=1e-5, atol=1e-6)
 
 
+def test_greyscale_batches_are_scored_as_rgb(variables, apply_fn):
+    grey = np.random.default_rng(3).integers(0, 256, (2, 75, 75, 1), dtype=np.uint8)
+    as_rgb = fid.extract_features(variables, [np.repeat(grey, 3, axis=-1)], apply_fn)
+    direct = fid.extract_features(variables, [grey], apply_fn)
+    np.testing.assert_array_equal(direct.kept_features(), as_rgb.kept_features())
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight conversion (hand-written .pth files, no torch)
 

@@ -346,6 +346,20 @@ def test_embedded_lfw_faces_offline():
     assert batch.std() > 20 and len({b.tobytes() for b in batch}) == 10
 
 
+def test_greyscale_channel_is_pil_luma(color_folder):
+    ds, _ = create(color_config(color_folder, channels=1), batch=NUM_COLORS)
+    assert ds.image_shape == (4, 4, 1)
+    images = ds.images(np.arange(NUM_COLORS))
+    assert images.shape == (NUM_COLORS, 4, 4, 1) and images.dtype == np.uint8
+    for i, image in enumerate(images):
+        luma = Image.new("RGB", (1, 1), color(i)).convert("L").getpixel((0, 0))
+        assert (image == luma).all(), (i, image[0, 0], luma)
+    # Greyscale faces: the one channel is what RGB decoding repeats three times.
+    grey, _ = create(make_config(channels=1), batch=10)
+    rgb, _ = create(make_config(channels=3), batch=10)
+    np.testing.assert_array_equal(grey.local_batch(3)[..., 0], rgb.local_batch(3)[..., 1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
@@ -384,6 +398,7 @@ def test_folder_errors_name_the_path_and_count(tmp_path):
         ({"image_size": 2.5}, 4, {}, "data.image_size=2.5"),
         ({"image_size": "32"}, 4, {}, "data.image_size='32'"),
         ({"resize": "crop"}, 4, {}, "data.resize='crop'"),
+        ({"channels": 2}, 4, {}, "data.channels=2"),
         ({"source": "web"}, 4, {}, "data.source='web'"),
         ({"name": "mnist"}, 4, {}, "data.name='mnist'"),
         ({"source": "folder"}, 4, {}, "data.path is empty"),
