@@ -147,13 +147,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet, tx, mes
         traces.append(None)  # a Python side effect: runs only when jax (re)traces the step
         return body(state, batches, rng)
 
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_sharding, sharding.batch(mesh, leading_dims=1), sharding.rep(mesh)),
-        out_shardings=(state_sharding, sharding.rep(mesh)),
-        donate_argnums=0,
-    )
-    return jitted, traces, body
+    return train.jit_train_steps(step, mesh, state_sharding), traces, body
 
 
 def fake_batches(mesh, steps_per_call: int, batch_size: int, shape: tuple) -> jax.Array:

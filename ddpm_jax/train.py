@@ -57,6 +57,17 @@ def ema_decay(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
     return decay
 
 
+def jit_train_steps(steps_fn, mesh, state_sharding):
+    """`steps_fn(state, batches [K, B, ...], rng) -> (state, metrics)` jitted as training runs it
+    (and the benchmark times it): batches sharded on 'data', the state replicated and donated."""
+    return jax.jit(
+        steps_fn,
+        in_shardings=(state_sharding, sharding.batch(mesh, leading_dims=1), sharding.rep(mesh)),
+        out_shardings=(state_sharding, sharding.rep(mesh)),
+        donate_argnums=0,
+    )
+
+
 def init_state(rng: jax.Array, model: unet.UNet, tx, image_shape: tuple) -> TrainState:
     x = jnp.zeros((1, *image_shape), jnp.float32)
     params = model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
@@ -249,11 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Model: %.2fM parameters; starting at step %d.", num_params / 1e6, start_step)
 
-    step_fn = jax.jit(
+    step_fn = jit_train_steps(
         functools.partial(train_steps, model=model, tx=tx, sched=sched, config=config),
-        in_shardings=(state_sharding, sharding.batch(mesh, leading_dims=1), sharding.rep(mesh)),
-        out_shardings=(state_sharding, sharding.rep(mesh)),
-        donate_argnums=0,
+        mesh, state_sharding,
     )
     n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
     if n_eval < len(eval_images):
