@@ -15,8 +15,9 @@
 # $RESULTS (default $OUT where set, else runs/gpu_suite) as soon as it ends, so a part that fails
 # or times out costs only itself. The parts' time limits add up to 9.5 minutes, inside the device
 # tool's 10 per command; PARTS="bf16" and PARTS="fp32 peer" split them over two commands.
-# Knobs: BATCH, STEPS_PER_CALL, SAMPLE_IMAGES, BF16_TIMEOUT/FP32_TIMEOUT/PEER_TIMEOUT (seconds),
-# PY (the Python with jax; default python3), PEER_PY (the one with torch; default PY).
+# Knobs: BATCH, STEPS_PER_CALL, SAMPLE_IMAGES, ATTN (model.attention_impl: auto, cudnn or xla),
+# BF16_TIMEOUT/FP32_TIMEOUT/PEER_TIMEOUT (seconds), PY (the Python with jax; default python3),
+# PEER_PY (the one with torch; default PY).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,14 @@ fetch() {
     -d "$KIT" "${WHEELS[@]}"
   cp "$PEER_SCRIPT_SRC" "$KIT/peer_lucidrains.py"
   ls -l "$KIT"
+}
+
+ended() {  # part name, its exit status: say why a part left no result
+  case "$2" in
+    0) ;;
+    124) echo "$1: timed out (raise its *_TIMEOUT)" ;;
+    *) echo "$1: exit $2; the end of $1.log:"; tail -n 5 "$results/$1.log" ;;
+  esac
 }
 
 run() {
@@ -53,25 +62,28 @@ run() {
   } 2>&1 | tee "$results/versions.txt"
 
   local common=(--config configs/cifar10.py --config.training.batch_size="$batch"
-                --config.training.steps_per_call="$k" --steps=$((10 * k)) --repeats=5)
+                --config.training.steps_per_call="$k" --steps=$((10 * k)) --repeats=5
+                --config.model.attention_impl="${ATTN:-auto}")
   if [[ " $parts " == *" bf16 "* ]]; then
     echo "== ours, bf16, samplers on $n_img images"
     timeout "${BF16_TIMEOUT:-330}" "$py" -m ddpm_jax.benchmark "${common[@]}" \
       --config.model.dtype=bfloat16 --sample_images="$n_img" 2>"$results/ours_bf16.log" \
       | tee "$results/ours_bf16.txt" | tail -n 1 > "$results/ours_bf16.json"
+    ended ours_bf16 "${PIPESTATUS[0]}"
   fi
   if [[ " $parts " == *" fp32 "* ]]; then
     echo "== ours, float32, training only"
     timeout "${FP32_TIMEOUT:-150}" "$py" -m ddpm_jax.benchmark "${common[@]}" --skip_sampling \
       2>"$results/ours_fp32.log" | tail -n 1 > "$results/ours_fp32.json"
+    ended ours_fp32 "${PIPESTATUS[0]}"
   fi
   if [[ " $parts " == *" peer "* ]]; then
     echo "== peer, batch $batch"
     timeout "${PEER_TIMEOUT:-90}" "$peer_py" "$KIT/peer_lucidrains.py" --dim 128 \
       --mults 1,2,2,2 --batch "$batch" --size 32 --steps 20 2>"$results/peer.log" \
       | tail -n 1 > "$results/peer.json"
+    ended peer "${PIPESTATUS[0]}"
   fi
-  tail -n 3 "$results"/*.log | grep -i -E "error|Traceback" || true
   summarize "$py" "$results"
 }
 
