@@ -141,12 +141,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet, tx, mes
     the unjitted step)."""
     sched = diffusion.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
     body = functools.partial(train.train_steps, model=model, tx=tx, sched=sched, config=config)
-    traces: list[None] = []
-
-    def step(state, batches, rng):
-        traces.append(None)  # a Python side effect: runs only when jax (re)traces the step
-        return body(state, batches, rng)
-
+    step, traces = train.count_traces(body)
     return train.jit_train_steps(step, mesh, state_sharding), traces, body
 
 

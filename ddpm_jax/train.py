@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import signal
 import threading
@@ -66,6 +67,38 @@ def jit_train_steps(steps_fn, mesh, state_sharding):
         out_shardings=(state_sharding, sharding.rep(mesh)),
         donate_argnums=0,
     )
+
+
+def count_traces(fn):
+    """(`fn` for jax.jit, a list that gets one entry each time jax traces it).
+
+    An entry is the abstract inputs of that trace, {argument path: "dtype[shape]"}. The append is
+    a Python side effect, so it runs only while jax traces: a step that should compile once can
+    be checked at the cost of a `len` per call.
+    """
+    traces: list[dict[str, str]] = []
+    names = list(inspect.signature(fn).parameters)
+
+    def describe(path, x) -> tuple[str, str]:
+        arg, rest = path[0].idx, jax.tree_util.keystr(path[1:])
+        aval = jax.typeof(x)
+        return (names[arg] if arg < len(names) else f"arg{arg}") + rest, (
+            aval.str_short() + (" (weak type)" if getattr(aval, "weak_type", False) else ""))
+
+    @functools.wraps(fn)
+    def traced(*args):
+        traces.append(dict(describe(p, x) for p, x in
+                           jax.tree_util.tree_flatten_with_path(args)[0]))
+        return fn(*args)
+
+    return traced, traces
+
+
+def describe_retrace(first: dict[str, str], latest: dict[str, str]) -> str:
+    """The inputs that differ between two traces' entries, for the warning a retrace gets."""
+    changed = [f"{k}: {first.get(k, 'absent')} -> {latest.get(k, 'absent')}"
+               for k in sorted(first.keys() | latest.keys()) if first.get(k) != latest.get(k)]
+    return "; ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
 
 
 def init_state(rng: jax.Array, model: unet.UNet, tx, image_shape: tuple) -> TrainState:
@@ -260,10 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Model: %.2fM parameters; starting at step %d.", num_params / 1e6, start_step)
 
-    step_fn = jit_train_steps(
-        functools.partial(train_steps, model=model, tx=tx, sched=sched, config=config),
-        mesh, state_sharding,
-    )
+    steps_fn, traces = count_traces(
+        functools.partial(train_steps, model=model, tx=tx, sched=sched, config=config))
+    step_fn = jit_train_steps(steps_fn, mesh, state_sharding)
     n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
     if n_eval < len(eval_images):
         logging.warning("Validation loss on %d of %d held-out images (a multiple of the %d "
@@ -297,10 +329,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     window: list[dict[str, jax.Array]] = []  # device metrics since the last log
     pending: tuple[int, list] | None = None  # the last window, fetched after the next dispatch
     step = start_step
+    traces_seen = 0
     try:
         while step < t.num_train_steps:
             state, metrics = step_fn(state, next(batches), train_rng)
             step += K
+            if len(traces) > traces_seen:  # the first trace, or a retrace: it compiles again
+                if traces_seen:
+                    logging.warning("The training step was traced and compiled again at step %d; "
+                                    "its inputs changed: %s", step - K,
+                                    describe_retrace(traces[0], traces[-1]))
+                traces_seen = len(traces)
             window.append(metrics)
             report(step)
             # Fetch the previous window's metrics now that the device has new work queued.

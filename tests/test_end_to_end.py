@@ -14,7 +14,7 @@ from conftest import REPO, tiny_config
 from PIL import Image
 
 from configs import default
-from ddpm_jax import checkpoint, sampling, train
+from ddpm_jax import checkpoint, input_pipeline, sampling, train
 
 
 def overrides(config) -> list[str]:
@@ -59,7 +59,7 @@ def test_work_directory_layout(trained):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
 
-def test_interrupted_and_resumed_training_is_bit_identical(trained, tmp_path):
+def test_interrupted_and_resumed_training_is_bit_identical(trained, tmp_path, caplog):
     _, straight = trained
     config = tiny_config()
     config.training.num_train_steps = 2
@@ -69,6 +69,39 @@ def test_interrupted_and_resumed_training_is_bit_identical(trained, tmp_path):
     for name in ("params", "ema_params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(straight, name),
                      getattr(resumed, name))
+    # The restored state has the fresh state's types and shardings: the step compiled once.
+    assert "traced and compiled again" not in caplog.text
+
+
+def test_a_step_that_compiles_again_is_reported(tmp_path, monkeypatch, caplog):
+    """A batch whose dtype changes mid-run (here: pre-scaled floats at the third step) makes jax
+    trace and compile the step again; the log names the step and the input that changed."""
+    create_datasets = input_pipeline.create_datasets
+
+    def patched(*args, **kwargs):
+        train_ds, eval_images = create_datasets(*args, **kwargs)
+        iterate = train_ds.iterate
+
+        def float_third_batch(*a, **k):
+            it = iterate(*a, **k)
+            try:
+                for i, batch in enumerate(it):
+                    yield batch.astype(np.float32) / 127.5 - 1.0 if i == 2 else batch
+            finally:
+                it.close()
+
+        monkeypatch.setattr(train_ds, "iterate", float_third_batch)
+        return train_ds, eval_images
+
+    monkeypatch.setattr(input_pipeline, "create_datasets", patched)
+    config = tiny_config()
+    config.training.num_train_steps = 3
+    config.training.sample_every_steps = 100
+    train.train_and_evaluate(config, str(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if "compiled again" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "at step 2" in warnings[0]
+    assert "batches_KBHWC: uint8[1,8,8,8,3] -> float32[1,8,8,8,3]" in warnings[0]
 
 
 def test_damaged_latest_checkpoint_is_set_aside(trained, tmp_path, caplog):

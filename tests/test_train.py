@@ -134,3 +134,19 @@ def test_summarize_reduces_a_logging_window():
     assert s["loss_t_q3"] == 3.0
 
 
+
+
+def test_count_traces_records_each_trace_and_names_what_changed():
+    def step(state, batches, rng):
+        return state["w"] * jnp.mean(batches)
+
+    traced, traces = train.count_traces(step)
+    jitted = jax.jit(traced)
+    state = {"w": jnp.ones(3)}
+    jitted(state, jnp.zeros((1, 2, 4), jnp.uint8), jax.random.key(0))
+    jitted(state, jnp.ones((1, 2, 4), jnp.uint8), jax.random.key(1))  # same avals: no trace
+    assert len(traces) == 1
+    assert traces[0]["batches"] == "uint8[1,2,4]" and traces[0]["state['w']"] == "float32[3]"
+    jitted(state, jnp.zeros((1, 2, 4), jnp.float32), jax.random.key(0))
+    assert len(traces) == 2
+    assert train.describe_retrace(traces[0], traces[1]) == "batches: uint8[1,2,4] -> float32[1,2,4]"
