@@ -12,10 +12,12 @@
 # ran ~8x faster with PEER_THREADS=1 than with its default 2, so run both before concluding.
 #
 # The peer lives in its own venv outside the repo (PEER_VENV, created on first use with CPU torch).
-# Networks differ: the peer's closest U-Net (--dim 128 --mults 1,2,2,2, 28.5M params) has about
-# 9.0 GFLOPs/img forward against DDPM's 12.1 (35.7M params), so the summary also gives
+# Networks differ: the peer's closest U-Net (--dim 128 --mults 1,2,2,2, 28.5M params) has 8.97
+# GFLOPs/img forward against DDPM's 12.44 (35.7M params), so the summary also gives
 # FLOP-normalised throughput: GFLOP/s = images/s x 3 x forward GFLOPs/img (the backward pass costs
-# ~2x the forward), the same convention on both sides.
+# ~2x the forward). Both forward counts are 2 x the multiply-adds of convolutions and matmuls:
+# torch.utils.flop_counter's for the peer, measured here; the benchmark's
+# forward_matmul_flops_per_image for ours, the same rule applied to our jaxpr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,14 +29,28 @@ PEER_SCRIPT="${PEER_SCRIPT:-../shared/bench/peer_lucidrains.py}"
 OURS_FLAGS="${OURS_FLAGS:-}"
 PEER_THREADS="${PEER_THREADS:-0}"           # 0: torch's default (one per core)
 OUT="${OUT:-runs/compare_peer_cpu_threads$PEER_THREADS}"
-OURS_FWD_GFLOPS="${OURS_FWD_GFLOPS:-12.1}"   # DDPM CIFAR-10 U-Net, forward, per image
-PEER_FWD_GFLOPS="${PEER_FWD_GFLOPS:-9.0}"    # peer --dim 128 --mults 1,2,2,2 (torch FlopCounter: 8.97)
 
 if [[ ! -x "$PEER_VENV/bin/python" ]]; then
   python -m venv "$PEER_VENV"
   "$PEER_VENV/bin/pip" install -q torch==2.13.0 denoising_diffusion_pytorch
 fi
 mkdir -p "$OUT"
+# The peer's forward GFLOPs per image at 32x32, counted by torch (its torchvision stand-in first).
+PEER_FWD_GFLOPS=$("$PEER_VENV/bin/python" - "$(realpath "$PEER_SCRIPT")" <<'EOF'
+import os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+from peer_lucidrains import _torchvision_stand_in
+_torchvision_stand_in()
+import torch
+from denoising_diffusion_pytorch import Unet
+from torch.utils.flop_counter import FlopCounterMode
+model = Unet(dim=128, dim_mults=(1, 2, 2, 2), flash_attn=False)
+with FlopCounterMode(display=False) as counter:
+    model(torch.rand(1, 3, 32, 32), torch.tensor([1]))
+print(counter.get_total_flops() / 1e9)
+EOF
+)
+echo "peer forward GFLOPs/img (torch.utils.flop_counter): $PEER_FWD_GFLOPS"
 echo "machine: $(nproc) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -50,12 +66,13 @@ for pair in $(seq 1 "$PAIRS"); do
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python - "$OUT" "$PAIRS" "$OURS_FWD_GFLOPS" "$PEER_FWD_GFLOPS" <<'EOF'
+python - "$OUT" "$PAIRS" "$PEER_FWD_GFLOPS" <<'EOF'
 import json
 import statistics
 import sys
 
-out, pairs, ours_fwd, peer_fwd = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:5])
+out, pairs, peer_fwd = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ours_fwd = json.load(open(f"{out}/ours_1.json"))["forward_matmul_flops_per_image"] / 1e9
 print(f"\n{'pair':<5}{'ours img/s':>12}{'peer img/s':>12}{'ratio':>8}"
       f"{'ours GFLOP/s':>14}{'peer GFLOP/s':>14}{'ratio':>8}")
 rows = []
@@ -69,5 +86,5 @@ for p in range(1, pairs + 1):
 med = [statistics.median(col) for col in zip(*rows)]
 print(f"{'med':<5}{med[0]:>12.3f}{med[1]:>12.3f}{med[0] / med[1]:>8.2f}{med[2]:>14.1f}"
       f"{med[3]:>14.1f}{med[2] / med[3]:>8.2f}")
-print(f"GFLOP/s = img/s x 3 x forward GFLOPs/img ({ours_fwd} ours, {peer_fwd} peer)")
+print(f"GFLOP/s = img/s x 3 x forward GFLOPs/img ({ours_fwd:.2f} ours, {peer_fwd:.2f} peer)")
 EOF

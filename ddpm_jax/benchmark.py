@@ -179,6 +179,51 @@ def forward_flops_per_image(model: unet.UNet, params, shape: tuple) -> float | N
     return cost_flops(apply.lower({"params": params}, x, t).compile())
 
 
+def _sub_jaxprs(value):
+    """The jaxprs inside an equation's parameter (pjit, remat, custom_vjp, cond branches...)."""
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):  # a ClosedJaxpr
+        yield value.jaxpr
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _sub_jaxprs(v)
+
+
+def matmul_flops(jaxpr) -> int:
+    """2 x multiply-adds of every convolution and dot in `jaxpr`, nested ones included (a scan's
+    body times its length): the convention of torch.utils.flop_counter, so that FLOP-normalised
+    figures compare with PyTorch's. It counts a padded convolution's full window, where XLA's
+    cost analysis counts only the products inside the image and adds the elementwise work."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * kernel[spec[1]] * math.prod(
+                kernel[i] for i in spec[2:])
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                total += times * matmul_flops(sub)
+    return total
+
+
+def forward_matmul_flops_per_image(model: unet.UNet, params, shape: tuple) -> float:
+    """`matmul_flops` of one network evaluation for one image (attention traced as XLA einsums,
+    which a cuDNN kernel would hide)."""
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    xla_model = model.clone(attention_impl="xla")
+    jaxpr = jax.make_jaxpr(lambda p, x, t: xla_model.apply({"params": p}, x, t))(params, x, t)
+    return float(matmul_flops(jaxpr.jaxpr))
+
+
 def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple[dict, Any]:
     """Times the training step; returns its figures and the final state (for the samplers)."""
     model = unet.from_config(config)
@@ -229,6 +274,8 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
         "flops_per_image": flops_img,
         # `state` was donated to the first call: its arrays are gone, the current ones are here.
         "forward_flops_per_image": forward_flops_per_image(model, holder["state"].params, shape),
+        "forward_matmul_flops_per_image": forward_matmul_flops_per_image(
+            model, holder["state"].params, shape),
         "achieved_tflops": flops_img * images_per_s / 1e12 if flops_img else None,
         "peak_memory_bytes": peak_memory_bytes(mesh.devices.flat),
         "lower_s": t1 - t0,
@@ -348,7 +395,7 @@ def _fmt(value: Any) -> str:
 def format_table(result: dict) -> str:
     """Human-readable two-column table, with FLOPs in GFLOPs and memory in GiB."""
     shown = dict(result)
-    for key in ("flops_per_image", "forward_flops_per_image"):
+    for key in ("flops_per_image", "forward_flops_per_image", "forward_matmul_flops_per_image"):
         if shown.get(key):
             shown[key.replace("flops", "gflops")] = shown.pop(key) / 1e9
     if shown.get("peak_memory_bytes"):

@@ -68,7 +68,8 @@ def test_json_line_has_every_field_and_is_the_last_line(record, capsys):
     assert "compile_count" in "\n".join(lines[:-1])  # the table shows the compile check
 
     positive = ["train_images_per_s", "train_step_s", "flops_per_image",
-                "forward_flops_per_image", "achieved_tflops", "mfu", "lower_s", "compile_s",
+                "forward_flops_per_image", "forward_matmul_flops_per_image", "achieved_tflops",
+                "mfu", "lower_s", "compile_s",
                 "params", "ddpm_sample_images_per_s", "ddim_sample_images_per_s",
                 "ddpm_sample_images_per_s_at_config_steps",
                 "ddim_sample_images_per_s_at_config_steps"]
@@ -131,3 +132,30 @@ def test_cost_flops_reads_dicts_and_lists():
     assert benchmark.cost_flops(Compiled([{"flops": 6.0}])) == 6.0  # jax < 0.4.30
     assert benchmark.cost_flops(Compiled(None)) is None
     assert benchmark.to_json_line({"x": float("nan")}) == '{"x": null}'
+
+
+def test_matmul_flops_count_convolutions_and_dots_in_closed_form():
+    def f(x, w, a, b, q, k):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        z = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        d = jax.jit(jnp.matmul)(a, b)  # nested in a pjit
+        s = jax.lax.scan(lambda c, _: (c, jnp.einsum("bij,bjk->bik", q, k)), 0.0, None,
+                         length=3)[1]
+        return y.sum() + z.sum() + d.sum() + s.sum()
+
+    shapes = [(2, 8, 8, 4), (3, 3, 4, 6), (2, 5), (5, 7), (3, 4, 5), (3, 5, 6)]
+    jaxpr = jax.make_jaxpr(f)(*(jnp.zeros(s) for s in shapes)).jaxpr
+    convs = 2 * (2 * 8 * 8 * 6) * 4 * 9 + 2 * (2 * 4 * 4 * 6) * 4 * 9  # SAME: the full window
+    dots = 2 * 2 * 7 * 5 + 3 * (2 * 3 * 4 * 6 * 5)  # the scan's body counts `length` times
+    assert benchmark.matmul_flops(jaxpr) == convs + dots
+
+
+def test_forward_matmul_flops_equal_the_analytic_count_of_the_unet(config):
+    model = unet.from_config(config)
+    size, levels = config.data.image_size, len(config.model.ch_mult)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                               jnp.zeros((1,), jnp.int32)))["params"]
+    counted = benchmark.forward_matmul_flops_per_image(model, params, (size, size, 3))
+    assert counted == analytic_train_flops(params, size, levels) / 3
