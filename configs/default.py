@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
     model.dropout = 0.1
     model.dtype = "float32"  # compute dtype: 'bfloat16' on GPU/TPU (params stay float32)
-    model.attention_impl = "auto"  # 'auto' (cuDNN flash attention where possible), 'xla', 'cudnn'
+    model.attention_impl = "auto"  # 'auto' (cuDNN's fused kernel on GPU if it fits), 'xla', 'cudnn'
     model.remat = False  # recompute res blocks in the backward pass to save memory
 
     config.diffusion = diffusion = ml_collections.ConfigDict()

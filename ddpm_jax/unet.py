@@ -9,6 +9,7 @@ precision (bf16 on accelerators), and the output is float32.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -61,11 +62,37 @@ class ResBlock(nn.Module):
         return x_BHWC + h
 
 
+def attention(q_BTNH, k_BSNH, v_BSNH, implementation: str) -> jax.Array:
+    """jax.nn.dot_product_attention, where "auto" means cuDNN's fused (flash) kernel on a GPU
+    that takes these inputs (bf16 or fp16, a head size it supports) and XLA's otherwise.
+
+    jax's own default (implementation=None) is XLA's on every backend, so "auto" has to choose.
+    cuDNN's checks run while tracing, so an unsupported case falls back before any compile.
+    """
+    if implementation == "auto":
+        if _on_gpu():
+            try:
+                return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation="cudnn")
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
+                _log_attention_fallback(f"{type(e).__name__}: {e}")
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation=implementation)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def _log_attention_fallback(reason: str) -> None:  # cached: once per reason, not per trace
+    logging.info("Attention: cuDNN's fused kernel does not apply (%s); using XLA's.", reason)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions."""
 
     dtype: jnp.dtype
-    implementation: str | None  # None: cuDNN flash attention where it applies, else XLA
+    implementation: str  # "auto" (cuDNN's fused kernel on GPUs where it applies), "xla", "cudnn"
 
     @nn.compact
     def __call__(self, x_BHWC):
@@ -74,7 +101,7 @@ class AttnBlock(nn.Module):
         dense = functools.partial(nn.Dense, C, dtype=self.dtype)
         q, k, v = (dense(kernel_init=_init(), name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
         # Softmax runs in float32 inside dot_product_attention even for bf16 inputs.
-        h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        h = attention(q, k, v, self.implementation)
         h = dense(kernel_init=_init(0.0), name="proj_out")(h.reshape(B, H, W, C))
         return x_BHWC + h
 
@@ -89,7 +116,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     out_ch: int = 3
     dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     remat: bool = False  # recompute res blocks in the backward pass: less memory, ~1/3 more FLOPs
 
     @nn.compact
@@ -152,7 +179,6 @@ def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
 def from_config(config) -> UNet:
     """The typed module from the `model` ConfigDict (the module is itself a frozen dataclass)."""
     m = config.model
-    impl = None if m.attention_impl == "auto" else m.attention_impl
     return UNet(
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
@@ -161,6 +187,6 @@ def from_config(config) -> UNet:
         dropout=m.dropout,
         out_ch=input_pipeline.image_shape(config.data)[-1],
         dtype=jnp.dtype(m.dtype),
-        attention_impl=impl,
+        attention_impl=m.attention_impl,
         remat=m.remat,
     )

@@ -88,3 +88,40 @@ def test_upsample_is_nearest_neighbour_resize():
     g = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
     (grad,) = jax.vjp(unet.upsample_nearest, x)[1](g)
     np.testing.assert_allclose(grad, g.reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4)), rtol=1e-6)
+
+
+def attention_inputs(dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(0), 3)
+    return [jax.random.normal(k, (2, 16, 1, 64), dtype) for k in keys]
+
+
+def test_auto_attention_asks_cudnn_first_on_a_gpu(monkeypatch):
+    """jax's own default (implementation=None) is XLA everywhere: "auto" must ask for cuDNN."""
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)  # no cuDNN on this machine
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(unet, "_on_gpu", lambda: True)
+    unet.attention(*attention_inputs(), "auto")
+    assert asked == ["cudnn"]
+    monkeypatch.setattr(unet, "_on_gpu", lambda: False)
+    unet.attention(*attention_inputs(), "auto")
+    assert asked == ["cudnn", "xla"]
+
+
+def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
+    # On this machine cuDNN refuses while tracing ("cuDNN is not detected"), as it does on a GPU
+    # for float32 inputs or an unsupported head size: "auto" then gives XLA's result.
+    monkeypatch.setattr(unet, "_on_gpu", lambda: True)
+    unet._log_attention_fallback.cache_clear()  # logged once per reason and process
+    q, k, v = attention_inputs()
+    with caplog.at_level("INFO"):
+        out = jax.jit(lambda q, k, v: unet.attention(q, k, v, "auto"))(q, k, v)
+    np.testing.assert_array_equal(out, unet.attention(q, k, v, "xla"))
+    assert "cuDNN's fused kernel does not apply" in caplog.text
+    with pytest.raises(RuntimeError):  # asked for explicitly, cuDNN's refusal is the user's error
+        unet.attention(q, k, v, "cudnn")
