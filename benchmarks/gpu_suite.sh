@@ -10,11 +10,13 @@
 #   1. ours, DDPM CIFAR-10 recipe, batch 128, bf16, 10 steps per jitted call, with the ancestral
 #      (1,000 steps) and DDIM samplers on 256 images: train images/s, MFU, sampler images/s;
 #   2. ours, the same in float32 (training only), to show what bf16 buys;
-#   3. the peer (lucidrains' denoising-diffusion-pytorch, --dim 128 --mults 1,2,2,2) on the GPU;
+#   3. the peer (lucidrains' denoising-diffusion-pytorch, --dim 128 --mults 1,2,2,2) on the GPU,
+#      as ../shared/bench/peer_lucidrains.py runs it (float32) and in bf16 autocast
+#      (benchmarks/peer_autocast.py; its trainer's amp option is the same idea);
 # and prints the issue's targets against the figures. Each part writes its JSON line to
 # $RESULTS (default $OUT where set, else runs/gpu_suite) as soon as it ends, so a part that fails
-# or times out costs only itself. The parts' time limits add up to 9.5 minutes, inside the device
-# tool's 10 per command; PARTS="bf16" and PARTS="fp32 peer" split them over two commands.
+# or times out costs only itself. The parts' time limits add up to 11 minutes, over the device
+# tool's 10 per command: PARTS="bf16" and PARTS="fp32 peer" split them over two commands.
 # Knobs: BATCH, STEPS_PER_CALL, SAMPLE_IMAGES, ATTN (model.attention_impl: auto, cudnn or xla),
 # BF16_TIMEOUT/FP32_TIMEOUT/PEER_TIMEOUT (seconds), PY (the Python with jax; default python3),
 # PEER_PY (the one with torch; default PY).
@@ -83,6 +85,11 @@ run() {
       --mults 1,2,2,2 --batch "$batch" --size 32 --steps 20 2>"$results/peer.log" \
       | tail -n 1 > "$results/peer.json"
     ended peer "${PIPESTATUS[0]}"
+    echo "== peer in bf16 autocast, batch $batch"
+    timeout "${PEER_TIMEOUT:-90}" "$peer_py" benchmarks/peer_autocast.py \
+      --peer_script "$KIT/peer_lucidrains.py" --batch "$batch" --steps 20 \
+      2>"$results/peer_bf16.log" | tail -n 1 > "$results/peer_bf16.json"
+    ended peer_bf16 "${PIPESTATUS[0]}"
   fi
   summarize "$py" "$results"
 }
@@ -99,7 +106,8 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-bf16, fp32, peer = load("ours_bf16"), load("ours_fp32"), load("peer")
+bf16, fp32 = load("ours_bf16"), load("ours_fp32")
+peer, peer_bf16 = load("peer"), load("peer_bf16")
 rows = []
 def target(what, value, goal, ok):
     shown = "n/a" if value is None else f"{value:.4g}"
@@ -114,10 +122,13 @@ anc = bf16 and bf16.get("ddpm_sample_images_per_s")
 n, steps = bf16 and bf16.get("sample_images"), bf16 and bf16.get("ddpm_sample_steps")
 target(f"ancestral sampling, {steps} steps, {n} images: seconds", n / anc if anc else None, "< 8",
        lambda v: v < 8)
-p = peer and peer.get("img_per_s")
-target("ours / peer train images/s", ours / p if ours and p else None, ">= 2", lambda v: v >= 2)
+for label, r in (("float32", peer), ("bf16 autocast", peer_bf16)):
+    p = r and r.get("img_per_s")
+    target(f"ours bf16 / peer {label}: train images/s", ours / p if ours and p else None, ">= 2",
+           lambda v: v >= 2)
 print("\n".join(rows))
-for name, r in (("ours bf16", bf16), ("ours fp32", fp32), ("peer", peer)):
+for name, r in (("ours bf16", bf16), ("ours fp32", fp32), ("peer", peer),
+                ("peer bf16 autocast", peer_bf16)):
     if r:
         keys = ("device_kind", "train_images_per_s", "img_per_s", "mfu", "achieved_tflops",
                 "flops_per_image", "peak_memory_bytes", "compile_s", "ddpm_sample_images_per_s",
