@@ -82,8 +82,10 @@ def count_traces(fn):
     def describe(path, x) -> tuple[str, str]:
         arg, rest = path[0].idx, jax.tree_util.keystr(path[1:])
         aval = jax.typeof(x)
+        # str_short gives "float32[8,32]"; plain str() where a jax version lacks it.
+        text = aval.str_short() if hasattr(aval, "str_short") else str(aval)
         return (names[arg] if arg < len(names) else f"arg{arg}") + rest, (
-            aval.str_short() + (" (weak type)" if getattr(aval, "weak_type", False) else ""))
+            text + (" (weak type)" if getattr(aval, "weak_type", False) else ""))
 
     @functools.wraps(fn)
     def traced(*args):
