@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10
-from ddpm_jax import unet
+from ddpm_jax import sharding, unet
 
 
 def count(model, size):
@@ -125,3 +125,27 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplo
     assert "cuDNN's fused kernel does not apply" in caplog.text
     with pytest.raises(RuntimeError):  # asked for explicitly, cuDNN's refusal is the user's error
         unet.attention(q, k, v, "cudnn")
+
+
+def test_dropout_rate_scale_independence_and_sharding():
+    x = jnp.ones((16, 16, 16, 127))  # an odd channel count: the last word is half used
+    n, rate = x.size, 0.1
+    p = round(rate * 2**16) / 2**16  # the rate rounded to 16 bits
+    y = np.asarray(unet.dropout(x, rate, jax.random.key(0)))
+    dropped = y == 0
+    assert abs(dropped.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_equal(np.unique(y), np.float32([0.0, 1.0 / (1.0 - p)]))
+    assert abs(y.mean() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)  # unbiased: E[y] = x
+    # The two halves of a random word decide neighbours independently.
+    both = (dropped[..., 0:126:2] & dropped[..., 1:127:2]).mean()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / (n // 2))
+    # Deterministic in the key, different across keys, the identity at rate 0 (or < 2^-17).
+    np.testing.assert_array_equal(y, unet.dropout(x, rate, jax.random.key(0)))
+    assert (np.asarray(unet.dropout(x, rate, jax.random.key(1))) != y).any()
+    assert unet.dropout(x, 0.0, jax.random.key(0)) is x
+    assert unet.dropout(x, 1e-6, jax.random.key(0)) is x
+    # Sharded over 8 devices on the batch axis, the mask is the same.
+    sharded = jax.device_put(x, sharding.batch(sharding.make_mesh()))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(
+        jax.jit(lambda x: unet.dropout(x, rate, jax.random.key(0)))(sharded), y)
