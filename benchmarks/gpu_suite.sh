@@ -4,7 +4,7 @@
 # ml_collections or the peer).
 #
 #   benchmarks/gpu_suite.sh fetch     # here, with network: wheels + the peer script into .gpu_kit/
-#   benchmarks/gpu_suite.sh run       # there, with .gpu_kit/ beside the repo (device tool: carry it)
+#   benchmarks/gpu_suite.sh run       # there, with .gpu_kit/ in the repo (device tool: carry it)
 #
 # `run` installs the kit's wheels into /tmp/site (no network, no dependencies pulled), then times:
 #   1. ours, DDPM CIFAR-10 recipe, batch 128, bf16, 10 steps per jitted call, with the ancestral
@@ -14,9 +14,10 @@
 #      as ../shared/bench/peer_lucidrains.py runs it (float32) and in bf16 autocast
 #      (benchmarks/peer_autocast.py; its trainer's amp option is the same idea);
 # and prints the issue's targets against the figures. Each part writes its JSON line to
-# $RESULTS (default $OUT where set, else runs/gpu_suite) as soon as it ends, so a part that fails
+# $RESULTS (default runs/gpu_suite) as soon as it ends, so a part that fails
 # or times out costs only itself. The parts' time limits add up to 11 minutes, over the device
-# tool's 10 per command: PARTS="bf16" and PARTS="fp32 peer" split them over two commands.
+# tool's 10 per command: PARTS="bf16" and PARTS="fp32 peer" split them over two commands. Where
+# $OUT is set (the device tool), summary.txt and gpu_suite.tar.gz (every file) are put there.
 # Knobs: BATCH, STEPS_PER_CALL, SAMPLE_IMAGES, ATTN (model.attention_impl: auto, cudnn or xla),
 # BF16_TIMEOUT/FP32_TIMEOUT/PEER_TIMEOUT (seconds), PY (the Python with jax; default python3),
 # PEER_PY (the one with torch; default PY).
@@ -47,9 +48,9 @@ ended() {  # part name, its exit status: say why a part left no result
 }
 
 run() {
-  local py="${PY:-python3}" peer_py="${PEER_PY:-${PY:-python3}}" batch="${BATCH:-128}" k="${STEPS_PER_CALL:-10}"
-  local n_img="${SAMPLE_IMAGES:-256}"
-  local results="${RESULTS:-${OUT:-runs/gpu_suite}}" parts="${PARTS:-bf16 fp32 peer}"
+  local py="${PY:-python3}" peer_py="${PEER_PY:-${PY:-python3}}" batch="${BATCH:-128}"
+  local k="${STEPS_PER_CALL:-10}" n_img="${SAMPLE_IMAGES:-256}"
+  local results="${RESULTS:-runs/gpu_suite}" parts="${PARTS:-bf16 fp32 peer}"
   mkdir -p "$results"
   if ! "$py" -c "import ml_collections" 2>/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$KIT"/*.whl \
@@ -59,7 +60,7 @@ run() {
   export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     | tee "$results/gpu.txt"
-  { "$py" -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
+  { "$py" -c "import jax, flax; print('jax', jax.__version__, jax.devices(), flax.__version__)"
     "$peer_py" -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"
   } 2>&1 | tee "$results/versions.txt"
 
@@ -91,7 +92,10 @@ run() {
       2>"$results/peer_bf16.log" | tail -n 1 > "$results/peer_bf16.json"
     ended peer_bf16 "${PIPESTATUS[0]}"
   fi
-  summarize "$py" "$results"
+  summarize "$py" "$results" | tee "$results/summary.txt"
+  if [[ -n "${OUT:-}" ]]; then  # the device tool returns at most 8 files: two
+    cp "$results/summary.txt" "$OUT/" && tar czf "$OUT/gpu_suite.tar.gz" -C "$results" .
+  fi
 }
 
 summarize() {
@@ -143,6 +147,6 @@ EOF
 case "${1:-}" in
   fetch) fetch ;;
   run) run ;;
-  summarize) summarize "${PY:-python3}" "${RESULTS:-${OUT:-runs/gpu_suite}}" ;;
+  summarize) summarize "${PY:-python3}" "${RESULTS:-runs/gpu_suite}" ;;
   *) echo "usage: $0 fetch|run|summarize" >&2; exit 2 ;;
 esac
