@@ -10,7 +10,7 @@ import tempfile
 
 import ml_collections
 
-from ddpm_jax import diffusion, unet
+from ddpm_jax import diffusion, input_pipeline, unet
 
 
 class ConfigError(ValueError):
@@ -40,12 +40,12 @@ def _positive_int(config, key: str) -> int:
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: int = 1) -> None:
     d, m, t, s = config.data, config.model, config.training, config.sampling
-    _one_of(config, "data.source", ("embedded", "folder", "tfds"))
+    _one_of(config, "data.source", input_pipeline.SOURCES)
     _require(d.source != "folder" or bool(d.path),
              "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
-    _one_of(config, "data.resize", ("center_crop", "stretch"))
+    _one_of(config, "data.resize", input_pipeline.RESIZE_POLICIES)
     size = _positive_int(config, "data.image_size")
-    _one_of(config, "data.channels", (1, 3))
+    _one_of(config, "data.channels", input_pipeline.CHANNELS)
 
     _positive_int(config, "model.ch")
     _require(m.ch % 32 == 0, f"model.ch={m.ch}: must be a multiple of 32 (GroupNorm's 32 groups)")
