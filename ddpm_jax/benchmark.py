@@ -30,6 +30,11 @@ from typing import Any
 # Config files import their base as `from configs import default` (as in ddpm_jax/main.py).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":
+    from ddpm_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # first: glibc reads it at start-up (see hugepages.py)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
@@ -354,6 +359,8 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
         "dtype": config.model.dtype,
         "attention_impl": config.model.attention_impl,
         "remat": config.model.remat,
+        # glibc.malloc.hugetlb=1 is worth ~14% of a CPU step (hugepages.py): say whether it was on.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     train_result, state = bench_train(config, mesh, opts)
     result.update(train_result)

@@ -12,6 +12,11 @@ import sys
 # importable wherever the command is run from (the package sits next to it in a source checkout).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":
+    from ddpm_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # first: glibc reads it at start-up (see hugepages.py)
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
