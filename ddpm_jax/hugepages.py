@@ -6,8 +6,8 @@ faults all of it in again, 4 KiB at a time: 320,000 page faults, about 14% of th
 EPYC. The tunable glibc.malloc.hugetlb=1 (glibc 2.35+) has malloc advise transparent huge pages for
 those mappings, which takes the faults down to about 1,200 per step. glibc reads its tunables only
 when a process starts, so the command-line entry points call `reexec_with_hugepages()` first, which
-starts the same command again, once, with the tunable set. Accelerator runs gain little and lose
-nothing. A user who sets glibc.malloc.hugetlb in GLIBC_TUNABLES themselves (0 to turn it off) is
+starts the same command again, once, with the tunable set. On a GPU or TPU the large buffers live
+in device memory, so little changes there (not measured). A user who sets glibc.malloc.hugetlb in GLIBC_TUNABLES themselves (0 to turn it off) is
 left alone.
 """
 
