@@ -7,8 +7,8 @@ EPYC. The tunable glibc.malloc.hugetlb=1 (glibc 2.35+) has malloc advise transpa
 those mappings, which takes the faults down to about 1,200 per step. glibc reads its tunables only
 when a process starts, so the command-line entry points call `reexec_with_hugepages()` first, which
 starts the same command again, once, with the tunable set. On a GPU or TPU the large buffers live
-in device memory, so little changes there (not measured). A user who sets glibc.malloc.hugetlb in GLIBC_TUNABLES themselves (0 to turn it off) is
-left alone.
+in device memory, so little changes there (not measured). A user who sets glibc.malloc.hugetlb in
+GLIBC_TUNABLES themselves (0 to turn it off) is left alone.
 """
 
 from __future__ import annotations
