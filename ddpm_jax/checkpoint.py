@@ -17,6 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ddpm_jax import validate
+
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit the config."""
@@ -59,6 +61,7 @@ def check_compatible(saved_metadata, target, what: str, directory: str) -> None:
 class Checkpointer:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict | None = None,
                  read_only: bool = False):
+        validate.require_local(workdir)  # sampling and evaluation come here without check_workdir
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.config = config
         self.read_only = read_only

@@ -6,6 +6,7 @@ Every failure is a `ConfigError` whose one-line message names the offending key 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import ml_collections
@@ -93,9 +94,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _positive_int(config, "sampling.per_device_batch")
 
 
+def require_local(workdir: str) -> None:
+    """Refuse URLs such as gs://b/run, which os.makedirs would make as a local ./gs:/b/run."""
+    _require(bool(workdir), "--workdir is required")
+    _require(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir),
+             f"--workdir={workdir}: URLs are not supported (the work directory is written with "
+             "ordinary file APIs); mount the bucket, e.g. with gcsfuse (launch/README.md), and "
+             "pass the mounted path")
+
+
 def check_workdir(workdir: str) -> None:
     """Create `workdir` if needed and make sure files can be written there."""
-    _require(bool(workdir), "--workdir is required")
+    require_local(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):

@@ -14,7 +14,7 @@ from conftest import REPO, tiny_config
 from PIL import Image
 
 from configs import default
-from ddpm_jax import checkpoint, input_pipeline, sampling, train
+from ddpm_jax import checkpoint, input_pipeline, sampling, train, validate
 
 
 def overrides(config) -> list[str]:
@@ -203,6 +203,16 @@ def test_unwritable_workdir_and_missing_checkpoint(tmp_path):
                             env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"no checkpoint in {tmp_path}/empty/checkpoints" in result.stderr
+
+
+@pytest.mark.parametrize("workdir", ["gs://bucket/run", "s3://bucket/run", "file:///tmp/run"])
+def test_url_workdir_is_refused_without_making_a_local_directory(tmp_path, monkeypatch, workdir):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(validate.ConfigError, match=f"--workdir={workdir}: URLs are not supported"):
+        train.train_and_evaluate(tiny_config(), workdir)
+    with pytest.raises(validate.ConfigError, match="gcsfuse"):
+        sampling.Sampler.from_workdir(workdir)
+    assert os.listdir(tmp_path) == []
 
 
 def test_greyscale_training_samples_grey_pngs(tmp_path):
