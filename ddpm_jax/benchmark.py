@@ -345,6 +345,8 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
     devices = list(mesh.devices.flat)
     kind, n_dev = devices[0].device_kind, len(devices)
     on_cpu = devices[0].platform == "cpu"
+    if warning := validate.slow_on_platform(config, devices[0].platform):
+        print(f"warning: {warning}", file=sys.stderr)
     peak = opts.peak_tflops if opts.peak_tflops is not None else default_peak_tflops(kind)
 
     result: dict[str, Any] = {

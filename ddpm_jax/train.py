@@ -184,8 +184,9 @@ def train_steps(state, batches_KBHWC, rng, **kwargs):
     """`steps_per_call` (K) training steps in one call: fewer dispatches, same math.
 
     K > 1 runs a lax.scan, which pays off on accelerators. K = 1 skips the loop: XLA:CPU runs a
-    backward pass inside a while loop about 20x slower than the same code outside one (measured
-    on jax 0.10.2), even for a one-iteration loop.
+    backward pass inside a while loop about 40x slower than the same code outside one, even for
+    a one-iteration loop (its convolution canonicalisation skips loop bodies, jax-ml/jax#12868;
+    `validate.slow_on_platform` warns about K > 1 on CPU).
     """
     if batches_KBHWC.shape[0] == 1:
         state, metrics = train_step(state, batches_KBHWC[0], rng, **kwargs)
@@ -278,6 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning("Skipped %d unreadable image files.", train_ds.skipped_files)
 
     mesh = sharding.make_mesh()
+    if warning := validate.slow_on_platform(config, mesh.devices.flat[0].platform):
+        logging.warning("%s", warning)
     model = unet.from_config(config)
     tx = make_optimizer(config)
     sched = diffusion.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)

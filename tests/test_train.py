@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ddpm_jax import diffusion, sharding, train, unet
+from ddpm_jax import diffusion, sharding, train, unet, validate
 
 
 def build(config, devices):
@@ -107,6 +107,15 @@ def test_fused_steps_equal_single_steps(eight_devices):
     _, fused, _ = run(config, jax.devices(), [np.concatenate(data)])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  single.params, fused.params)
+
+
+@pytest.mark.parametrize("platform, k, warns", [
+    ("cpu", 2, True), ("cpu", 1, False), ("gpu", 10, False), ("tpu", 10, False)])
+def test_fused_steps_on_cpu_get_a_warning(config, platform, k, warns):
+    config.training.steps_per_call = k
+    warning = validate.slow_on_platform(config, platform)
+    assert (warning is not None) == warns
+    assert not warns or warning.startswith(f"training.steps_per_call={k} on CPU")
 
 
 def test_ema_decay_warmup(config):
