@@ -145,7 +145,7 @@ def train_step(
         return jnp.mean(loss_B), loss_B
 
     (loss, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(
