@@ -308,7 +308,8 @@ def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None) -
             images = images.take(limit)
         items = [b for batch in tfds.as_numpy(images.batch(4096)) for b in batch.tolist()]
     except Exception as err:  # noqa: BLE001 -- download/prepare fail in many types
-        summary = (str(err).strip().splitlines() or [""])[0][:300]
+        summary = (str(err).strip().splitlines() or [""])[0]
+        summary = summary if len(summary) <= 300 else summary[:300] + " [...]"
         raise InputError(
             f"could not load TFDS {key} ({type(err).__name__}: {summary}). To train without "
             "TFDS, use --config.data.source=folder --config.data.path=/path/to/images; or "
