@@ -143,8 +143,6 @@ def test_summarize_reduces_a_logging_window():
     assert s["loss_t_q3"] == 3.0
 
 
-
-
 def test_count_traces_records_each_trace_and_names_what_changed():
     def step(state, batches, rng):
         return state["w"] * jnp.mean(batches)
