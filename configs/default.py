@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_res_blocks = 2  # residual blocks per level
     model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
     model.dropout = 0.1
+    model.norm_groups = 0  # GroupNorm groups; 0: min(32, ch // 4), DDPM's 32 at ch >= 128
     model.dtype = "float32"  # compute dtype: 'bfloat16' on GPU/TPU (params stay float32)
     model.attention_impl = "auto"  # 'auto' (cuDNN's fused kernel on GPU if it fits), 'xla', 'cudnn'
     model.remat = False  # recompute res blocks in the backward pass to save memory

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ddpm_jax import validate
+from ddpm_jax import unet, validate
 
 
 class CheckpointError(RuntimeError):
@@ -144,6 +144,8 @@ class Checkpointer:
             meta = self.manager.item_metadata(step)
             check_compatible(meta["state"]["params"], train_target["params"], "params",
                              self.directory)
+            if self.config is not None:
+                self.check_norm_groups(step, self.config.model)
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -158,8 +160,10 @@ class Checkpointer:
             logging.info("Resuming from %s/%d.", self.directory, step)
         return state
 
-    def restore_ema_params(self, abstract_ema, step: int = -1) -> tuple[int, Any]:
-        """(step, EMA params) of checkpoint `step` (-1: the newest readable), on any devices."""
+    def restore_ema_params(self, abstract_ema, step: int = -1,
+                           model_config=None) -> tuple[int, Any]:
+        """(step, EMA params) of checkpoint `step` (-1: the newest readable), on any devices;
+        with `model_config`, the checkpoint must have been trained with its GroupNorm groups."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}: train first, or check "
@@ -173,6 +177,8 @@ class Checkpointer:
         def restore_one(s):
             meta = self.manager.item_metadata(s)
             check_compatible(meta["ema_params"], abstract_ema, "params", self.directory)
+            if model_config is not None:
+                self.check_norm_groups(s, model_config)
             args = ocp.args.Composite(ema_params=ocp.args.StandardRestore(abstract_ema))
             return self.manager.restore(s, args=args)["ema_params"]
 
@@ -180,6 +186,23 @@ class Checkpointer:
         if found is None:
             raise CheckpointError(f"no readable checkpoint in {self.directory}")
         return found, ema
+
+    def check_norm_groups(self, step: int, model_config) -> None:
+        """Raise CheckpointError if checkpoint `step` was trained with other GroupNorm groups.
+
+        The group count changes the network's function but no parameter's shape, so
+        `check_compatible` cannot see it: params trained with 32 groups load silently into a
+        network with 8 and draw noise.
+        """
+        saved_model = self.saved_config(step).get("model", {})
+        saved, wanted = unet.norm_groups(saved_model), unet.norm_groups(model_config)
+        if saved != wanted:
+            how = ("model.norm_groups absent: saved before the field existed"
+                   if "norm_groups" not in saved_model
+                   else f"model.norm_groups={saved_model['norm_groups']}")
+            raise CheckpointError(
+                f"{self.directory}/{step}: trained with {saved} GroupNorm groups ({how}) but this "
+                f"config gives {wanted}; add --config.model.norm_groups={saved}")
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

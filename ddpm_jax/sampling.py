@@ -187,7 +187,7 @@ class Sampler:
             lambda: train.init_state(jax.random.key(0), model, train.make_optimizer(config),
                                      shape).ema_params)
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
-        step, params = ckpt.restore_ema_params(abstract, step)
+        step, params = ckpt.restore_ema_params(abstract, step, config.model)
         ckpt.close()
         return cls(config, model, params, step, mesh)
 

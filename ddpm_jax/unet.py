@@ -78,11 +78,12 @@ class ResBlock(nn.Module):
     out_ch: int
     dropout: float
     dtype: jnp.dtype
+    norm_groups: int
 
     @nn.compact
     def __call__(self, x_BHWC, temb_BD, train: bool):
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
-        norm = functools.partial(nn.GroupNorm, num_groups=32, dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, num_groups=self.norm_groups, dtype=self.dtype)
         h = conv(self.out_ch, kernel_init=_init())(nn.swish(norm()(x_BHWC)))
         temb = nn.Dense(self.out_ch, kernel_init=_init(), dtype=self.dtype)(nn.swish(temb_BD))
         h = h + temb[:, None, None, :]
@@ -124,11 +125,12 @@ class AttnBlock(nn.Module):
 
     dtype: jnp.dtype
     implementation: str  # "auto" (cuDNN's fused kernel on GPUs where it applies), "xla", "cudnn"
+    norm_groups: int
 
     @nn.compact
     def __call__(self, x_BHWC):
         B, H, W, C = x_BHWC.shape
-        h = nn.GroupNorm(num_groups=32, dtype=self.dtype)(x_BHWC)
+        h = nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype)(x_BHWC)
         dense = functools.partial(nn.Dense, C, dtype=self.dtype)
         q, k, v = (dense(kernel_init=_init(), name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
         # Softmax runs in float32 inside dot_product_attention even for bf16 inputs.
@@ -148,13 +150,16 @@ class UNet(nn.Module):
     out_ch: int = 3
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    norm_groups: int = 32  # GroupNorm's groups in every layer (DDPM: 32); see `norm_groups`
     remat: bool = False  # recompute res blocks in the backward pass: less memory, ~1/3 more FLOPs
 
     @nn.compact
     def __call__(self, x_BHWC, t_B, train: bool = False):
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        block = functools.partial(block_cls, dropout=self.dropout, dtype=self.dtype)
-        attn = functools.partial(AttnBlock, dtype=self.dtype, implementation=self.attention_impl)
+        block = functools.partial(block_cls, dropout=self.dropout, dtype=self.dtype,
+                                  norm_groups=self.norm_groups)
+        attn = functools.partial(AttnBlock, dtype=self.dtype, implementation=self.attention_impl,
+                                 norm_groups=self.norm_groups)
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
 
         temb = timestep_embedding(t_B, self.ch)
@@ -193,7 +198,7 @@ class UNet(nn.Module):
                 )
         assert not hs, "every skip connection is consumed"
 
-        h = nn.swish(nn.GroupNorm(num_groups=32, dtype=self.dtype, name="norm_out")(h))
+        h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
         h = conv(self.out_ch, kernel_init=_init(0.0), name="conv_out")(h)
         return h.astype(jnp.float32)
 
@@ -205,6 +210,27 @@ def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
         raise ValueError(
             f"data.image_size={image_size} is not divisible by 2^(len(model.ch_mult)-1)={factor}"
         )
+
+
+# DDPM normalises every layer with 32 groups, which at its width (ch=128) is 4 or more channels
+# per group. At ch=32 the same 32 groups are one channel each: instance norm, which subtracts each
+# channel's spatial mean (an image's colour, or a grey image's brightness), and norm_out then
+# leaves conv_out almost no way to predict the mean colour of eps. Small RGB models drew the right
+# shapes in the wrong colours (issue 15). The default keeps DDPM's 4 channels per group at the base
+# width: 32 groups for ch >= 128 (DDPM's networks unchanged), ch // 4 below.
+MAX_NORM_GROUPS = 32
+MIN_CHANNELS_PER_GROUP = 4
+LEGACY_NORM_GROUPS = 32  # checkpoints saved before model.norm_groups existed used 32
+
+
+def norm_groups(model_config) -> int:
+    """GroupNorm's group count for the `model` config (a ConfigDict, or the dict a checkpoint
+    saved): `norm_groups`, or for 0 min(32, ch // 4). Without the field (a config saved before it
+    existed) it is 32."""
+    groups = model_config.get("norm_groups", LEGACY_NORM_GROUPS)
+    if groups == 0:
+        groups = max(1, min(MAX_NORM_GROUPS, model_config["ch"] // MIN_CHANNELS_PER_GROUP))
+    return groups
 
 
 def from_config(config) -> UNet:
@@ -219,5 +245,6 @@ def from_config(config) -> UNet:
         out_ch=input_pipeline.image_shape(config.data)[-1],
         dtype=jnp.dtype(m.dtype),
         attention_impl=m.attention_impl,
+        norm_groups=norm_groups(m),
         remat=m.remat,
     )

@@ -49,7 +49,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _one_of(config, "data.channels", input_pipeline.CHANNELS)
 
     _positive_int(config, "model.ch")
-    _require(m.ch % 32 == 0, f"model.ch={m.ch}: must be a multiple of 32 (GroupNorm's 32 groups)")
+    _require(isinstance(m.norm_groups, int) and m.norm_groups >= 0,
+             f"model.norm_groups={m.norm_groups!r}: expected 0 (automatic) or a positive integer")
+    groups = unet.norm_groups(m)
+    # Every layer's width is ch times an integer (skip concatenations are sums of such widths).
+    _require(m.ch % groups == 0,
+             f"model.ch={m.ch} is not divisible by the {groups} GroupNorm groups (model.norm_groups"
+             f"={m.norm_groups}{'; 0 means min(32, ch // 4)' if not m.norm_groups else ''})")
     _require(len(m.ch_mult) > 0 and all(isinstance(x, int) and x > 0 for x in m.ch_mult),
              f"model.ch_mult={tuple(m.ch_mult)!r}: expected positive integers")
     try:

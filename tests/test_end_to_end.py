@@ -164,15 +164,18 @@ def test_sample_on_one_device_from_an_eight_device_checkpoint(trained, tmp_path)
     np.testing.assert_array_equal(sampler.sample(8, seed=config.seed), images)
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.model.ch=64", "has shape"),
+@pytest.mark.parametrize("flag, messages", [
+    ("--config.model.ch=64", ("has shape", "conv_in")),
+    # The group count changes no parameter's shape: without its own check the params would load.
+    ("--config.model.norm_groups=32", ("trained with 8 GroupNorm groups (model.norm_groups=0) but "
+                                       "this config gives 32; add --config.model.norm_groups=8",)),
 ])
-def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path, flag, message):
+def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path, flag, messages):
     result = subprocess.run(main_cmd(tiny_config(), trained[0], "--mode=sample", flag),
                             env=env(1), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and message in line and "conv_in" in line, line
+    assert line.startswith("error: ") and all(m in line for m in messages), line
     assert "Traceback" not in result.stderr
 
 
@@ -182,6 +185,8 @@ def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path
     ("--config.data.image_size=7", "data.image_size=7"),
     ("--config.training.batch_size=abc", "batch_size=abc"),
     ("--config.sampling.sampler=euler", "sampling.sampler='euler'"),
+    ("--config.model.norm_groups=5", "model.ch=32 is not divisible by the 5 GroupNorm groups"),
+    ("--config.model.ch=30", "model.ch=30 is not divisible by the 7 GroupNorm groups"),
 ])
 def test_config_errors_are_one_line_before_compiling(tmp_path, flag, culprit):
     result = subprocess.run(main_cmd(tiny_config(), tmp_path / "w", flag), env=env(),
