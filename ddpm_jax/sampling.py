@@ -172,7 +172,7 @@ class Sampler:
 
         Without `config`, the config saved with the checkpoint is used.
         """
-        from ddpm_jax import checkpoint, train
+        from ddpm_jax import checkpoint
 
         ckpt = checkpoint.Checkpointer(workdir, read_only=True)
         if config is None:
@@ -182,10 +182,7 @@ class Sampler:
             config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1] if step < 0 else step))
         mesh = sharding.make_mesh()
         model = unet.from_config(config)
-        shape = input_pipeline.image_shape(config.data)
-        abstract = jax.eval_shape(
-            lambda: train.init_state(jax.random.key(0), model, train.make_optimizer(config),
-                                     shape).ema_params)
+        abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
         step, params = ckpt.restore_ema_params(abstract, step)
         ckpt.close()

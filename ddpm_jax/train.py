@@ -104,8 +104,7 @@ def describe_retrace(first: dict[str, str], latest: dict[str, str]) -> str:
 
 
 def init_state(rng: jax.Array, model: unet.UNet, tx, image_shape: tuple) -> TrainState:
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    params = model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+    params = unet.init_params(model, rng, image_shape)
     # A real copy: the step donates the state, and one buffer cannot be donated twice.
     ema_params = jax.tree.map(jnp.copy, params)
     zero = jnp.zeros((), jnp.int32)
