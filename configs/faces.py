@@ -1,6 +1,6 @@
 """Faces at 64x64: CelebA through tfds, or your own folder of portrait photos.
 
-    python -m ddpm_jax.main --config configs/faces.py --workdir runs/faces
+    python -m ddpm_jax.main --config configs/faces.py            # works in runs/faces
 
 Your own photos (any size and format; faces roughly centred):
 

@@ -1,6 +1,6 @@
 """A small model that draws recognisable faces within minutes on a laptop CPU.
 
-    python -m ddpm_jax.main --config configs/quickstart.py --workdir runs/quickstart
+    python -m ddpm_jax.main --config configs/quickstart.py       # works in runs/quickstart
 
 Data: the 100 real 25x25 face crops from LFW that scikit-image ships (no download), at 32x32.
 They are greyscale, so the model is too (data.channels=1): an RGB model of grey data spends its

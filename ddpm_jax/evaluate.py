@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import diffusion, fid, inception, input_pipeline, sampling, sharding, unet, validate
+from ddpm_jax import progress as progress_lib  # `progress` is a flag here
 
 PyTree = Any
 InLoopEvaluator = Callable[..., dict[str, float] | None]
@@ -274,18 +275,17 @@ def _sample_batches(
     """
     pending: np.ndarray | None = None
     num_chunks = -(-num_samples // chunk)
-    t0 = time.time()
+    shown = progress_lib.ImageProgress(num_samples, desc="eval") if progress else None
     for i in range(num_chunks):
         images = draw(params, rng, chunk, start=i * chunk)[: num_samples - i * chunk]
         pending = images if pending is None else np.concatenate([pending, images])
         while len(pending) >= batch_size:
             yield pending[:batch_size]
             pending = pending[batch_size:]
-        if progress:
-            done = min((i + 1) * chunk, num_samples)
-            rate = done / max(time.time() - t0, 1e-9)
-            logging.info("Sampled %d/%d images (%.1f img/s, ETA %.0f s).", done, num_samples,
-                         rate, (num_samples - done) / rate)
+        if shown:
+            shown.update(min((i + 1) * chunk, num_samples))
+    if shown:
+        shown.close()
     if pending is not None and len(pending):
         yield pending
 

@@ -292,30 +292,92 @@ def _import_tfds():
     return tfds
 
 
+_TFDS_WAY_OUT = (
+    "To train without TFDS, use --config.data.source=folder --config.data.path=/path/to/images; "
+    "or download and prepare it by hand and pass --config.data.data_dir=/that/dir"
+)
+_REACHABLE_TIMEOUT_S = 4.0
+
+
 def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None) -> _Source:
     """The encoded 'image' feature of a TFDS split (first `limit` examples), kept as bytes."""
     tfds = _import_tfds()
     key = f"data.name={name!r} split={split!r}"
+    load = functools.partial(tfds.load, name, split=split, data_dir=data_dir or None,
+                             decoders={"image": tfds.decode.SkipDecoding()})
     try:
-        ds = tfds.load(
-            name,
-            split=split,
-            data_dir=data_dir or None,
-            decoders={"image": tfds.decode.SkipDecoding()},
-        )
+        try:  # prepared data (e.g. downloaded by hand into data.data_dir) needs no network
+            ds = load(download=False)
+        except Exception:  # noqa: BLE001 -- not prepared, or not a dataset: the download says
+            _check_download_reachable(tfds, name, data_dir, key)
+            ds = load()
         images = ds.map(lambda ex: ex["image"])
         if limit is not None:
             images = images.take(limit)
         items = [b for batch in tfds.as_numpy(images.batch(4096)) for b in batch.tolist()]
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 -- download/prepare fail in many types
         summary = (str(err).strip().splitlines() or [""])[0]
         summary = summary if len(summary) <= 300 else summary[:300] + " [...]"
         raise InputError(
-            f"could not load TFDS {key} ({type(err).__name__}: {summary}). To train without "
-            "TFDS, use --config.data.source=folder --config.data.path=/path/to/images; or "
-            "download and prepare it by hand and pass --config.data.data_dir=/that/dir"
+            f"could not load TFDS {key} ({type(err).__name__}: {summary}). {_TFDS_WAY_OUT}"
         ) from None
     return _Source(f"tfds {key}", items, np.ones(len(items), bool))
+
+
+def _check_download_reachable(tfds, name: str, data_dir: str, key: str) -> None:
+    """Raise InputError at once when a server the download needs does not answer.
+
+    Offline, tfds retries each failed connection with backoff for about 3.5 minutes before it
+    gives up; this asks each host once, all within seconds. The URLs come from the builder's
+    registered checksums; a builder without them is left to tfds.
+    """
+    from urllib.parse import urlsplit
+
+    urls = tfds.builder(name, data_dir=data_dir or None).url_infos or {}
+    hosts = sorted({f"{u.scheme}://{u.netloc}/" for u in map(urlsplit, urls) if u.netloc})
+    for host in hosts:
+        if not _reachable(host, _REACHABLE_TIMEOUT_S):
+            raise InputError(
+                f"could not load TFDS {key}: it is not prepared"
+                f"{f' in {data_dir}' if data_dir else ''} and its download server {host} does "
+                f"not answer (offline?). {_TFDS_WAY_OUT}"
+            )
+
+
+def _reachable(url: str, timeout_s: float) -> bool:
+    """Whether an HTTP server answers `url` within `timeout_s` seconds, name lookup included.
+
+    Any HTTP answer counts (an error status or a redirect, which is not followed): the question
+    is whether a download could start, not whether this URL serves anything. A name that does
+    not resolve, a refused or timed-out connection or a TLS failure count as unreachable. The
+    request honours the *_proxy environment variables, as tfds' downloads do.
+    """
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # the 3xx surfaces as an HTTPError: an answer
+
+    answered: list[bool] = []
+
+    def probe():
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except Exception:  # noqa: BLE001 -- URLError, OSError, timeouts, TLS errors
+            answered.append(False)
+
+    # A thread, because name lookup (getaddrinfo) takes no timeout.
+    thread = threading.Thread(target=probe, name="tfds-reachable", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answered and answered[0])
 
 
 def _open_embedded(name: str) -> _Source:

@@ -1,4 +1,4 @@
-"""Command line: `python -m ddpm_jax.main --config CONFIG.py --workdir DIR [--mode=...]`.
+"""Command line: `python -m ddpm_jax.main --config CONFIG.py [--workdir DIR] [--mode=...]`.
 
 Flags, device logging and dispatch only; everything else is importable from ddpm_jax.
 """
@@ -24,9 +24,10 @@ from ddpm_jax import checkpoint, distributed, fid, input_pipeline, train, valida
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, samples and TensorBoard logs go here.")
+flags.DEFINE_string("workdir", None, "Checkpoints, samples and TensorBoard logs go here "
+                    "(default: runs/<config file name without .py>).")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 distributed.define_flags()
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
@@ -51,8 +52,10 @@ def main(argv):
         handler.addFilter(_QuietOrbax())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+    print(f"Work directory: {workdir}", flush=True)
     distributed.initialize_from_flags()  # before anything touches devices
-    config, workdir = FLAGS.config, FLAGS.workdir
+    config = FLAGS.config
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)
@@ -67,6 +70,11 @@ def main(argv):
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def default_workdir(config_file: str) -> str:
+    """runs/<config file stem>, relative to the current directory (configs/faces.py: runs/faces)."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
 
 
 def parse_flags(argv):

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import diffusion, input_pipeline, sharding, unet
+from ddpm_jax import progress as progress_lib  # `progress` is make_sampler's flag
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -45,19 +45,22 @@ def _predict(model, params, sched, prediction, clip_x0, x, t):
 
 
 def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, variance="fixed_large", clip_x0=True, prediction="eps") -> jax.Array:
-    """Ancestral sampling over all T steps (DDPM algorithm 2). Returns x_0 in [-1, 1]-ish."""
+                *, variance="fixed_large", clip_x0=True, prediction="eps", record=None):
+    """Ancestral sampling over all T steps (DDPM algorithm 2). Returns x_0 in [-1, 1]-ish
+    (and with `record`, the predicted x_0 at those timesteps: see `_record`)."""
     T = sched.num_timesteps
     x = _image_noise(image_keys, T, image_shape)
 
-    def step(x, t):
+    def step(carry, t):
+        x, frames = carry
         x0, _, t_B = _predict(model, params, sched, prediction, clip_x0, x, t)
         mean, log_var = diffusion.q_posterior(sched, x0, x, t_B, variance)
         noise = _image_noise(image_keys, t, image_shape)
-        return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise, None
+        x = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+        return (x, _record(frames, record, t, x0)), None
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(T - 1, -1, -1))
-    return x
+    (x, frames), _ = jax.lax.scan(step, (x, _frames(record, x)), jnp.arange(T - 1, -1, -1))
+    return x if record is None else (x, frames[:-1])
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -67,24 +70,81 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 
 def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, num_steps=100, eta=0.0, clip_x0=True, prediction="eps") -> jax.Array:
-    """DDIM (Song et al. 2021, eq. 12): eta=0 deterministic, eta=1 matches DDPM's fixed-small."""
+                *, num_steps=100, eta=0.0, clip_x0=True, prediction="eps", record=None):
+    """DDIM (Song et al. 2021, eq. 12): eta=0 deterministic, eta=1 matches DDPM's fixed-small.
+    With `record`, also returns the predicted x_0 at those timesteps (see `_record`)."""
     ts = ddim_timesteps(sched.num_timesteps, num_steps)
     ts_prev = np.append(ts[1:], -1)
     x = _image_noise(image_keys, sched.num_timesteps, image_shape)
 
-    def step(x, t_pair):
-        t, t_prev = t_pair
+    def step(carry, t_pair):
+        (x, frames), (t, t_prev) = carry, t_pair
         x0, eps, _ = _predict(model, params, sched, prediction, clip_x0, x, t)
         abar = sched.alphas_cumprod[t]
         abar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
         var = eta**2 * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
         dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - var, 0.0))
         noise = _image_noise(image_keys, t, image_shape)
-        return jnp.sqrt(abar_prev) * x0 + dir_coef * eps + jnp.sqrt(var) * noise, None
+        x = jnp.sqrt(abar_prev) * x0 + dir_coef * eps + jnp.sqrt(var) * noise
+        return (x, _record(frames, record, t, x0)), None
 
-    x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev)))
-    return x
+    carry = (x, _frames(record, x))
+    (x, frames), _ = jax.lax.scan(step, carry, (jnp.asarray(ts), jnp.asarray(ts_prev)))
+    return x if record is None else (x, frames[:-1])
+
+
+def _frames(record, x):
+    """The recording buffer: one slot per recorded timestep and a last one that takes the rest."""
+    return None if record is None else jnp.zeros((len(record) + 1, *x.shape), x.dtype)
+
+
+def _record(frames, record, t, x0):
+    """`frames` with x0 in the slot of timestep t (the spare last slot if t is not recorded).
+
+    A buffer in the scan's carry, not a scan output: a picture of 10 steps out of 1000 keeps 10.
+    """
+    if record is None:
+        return None
+    slot = jnp.argmax(jnp.append(jnp.asarray(record) == t, True))
+    return frames.at[slot].set(x0)
+
+
+def _sampler_fn(s: ml_collections.ConfigDict):
+    """The sampler named by the `sampling` config, with its settings bound."""
+    if s.sampler == "ddpm":
+        return functools.partial(ddpm_sample, variance=s.variance)
+    if s.sampler == "ddim":
+        return functools.partial(ddim_sample, num_steps=s.num_steps, eta=s.eta)
+    raise ValueError(f"sampling.sampler={s.sampler!r}: expected one of {SAMPLERS}")
+
+
+def sampled_timesteps(s: ml_collections.ConfigDict, num_timesteps: int) -> np.ndarray:
+    """The timesteps the sampler visits, from T - 1 down to 0."""
+    if s.sampler == "ddim":
+        return ddim_timesteps(num_timesteps, s.num_steps)
+    return np.arange(num_timesteps - 1, -1, -1)
+
+
+def draw_progress(model, params, sched, sampling_config, prediction: str, image_shape,
+                  rng: jax.Array, num_images: int = 6, num_frames: int = 10) -> np.ndarray:
+    """uint8 [num_images, num_frames, H, W, C]: each image's predicted x_0 at `num_frames`
+    timesteps, evenly spaced over those the sampler visits from T - 1 to 0.
+
+    Images 0 .. num_images - 1 of `rng`, with the same per-image noise as `make_sampler`: the
+    last frames are (up to float rounding) the first samples `make_sampler` draws.
+    """
+    ts = sampled_timesteps(sampling_config, sched.num_timesteps)
+    record = ts[np.unique(np.round(np.linspace(0, len(ts) - 1, num_frames)).astype(int))]
+    fn = _sampler_fn(sampling_config)
+
+    @jax.jit
+    def run(params, rng):
+        image_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_images))
+        _, frames = fn(model, params, sched, image_keys, tuple(image_shape),
+                       clip_x0=sampling_config.clip_x0, prediction=prediction, record=record)
+        return to_uint8(jnp.swapaxes(frames, 0, 1))
+
+    return np.asarray(run(params, rng))  # replicated, like the params: every process has it
 
 
 def make_sampler(model, sched, sampling_config, prediction: str, image_shape, mesh,
@@ -96,12 +156,7 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
     same whatever the call size, the device count or how the range is split into calls.
     """
     s = sampling_config
-    if s.sampler == "ddpm":
-        fn = functools.partial(ddpm_sample, variance=s.variance)
-    elif s.sampler == "ddim":
-        fn = functools.partial(ddim_sample, num_steps=s.num_steps, eta=s.eta)
-    else:
-        raise ValueError(f"sampling.sampler={s.sampler!r}: expected one of {SAMPLERS}")
+    fn = _sampler_fn(s)
     image_shape = tuple(image_shape)
 
     @functools.partial(jax.jit, out_shardings=sharding.batch(mesh))
@@ -115,17 +170,17 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
 
     def draw(params, rng, num_samples: int, start: int = 0) -> np.ndarray:
         per_call = min(s.per_device_batch * n_dev, -(-num_samples // n_dev) * n_dev)
-        out, t0 = [], time.time()
+        out = []
+        shown = progress_lib.ImageProgress(num_samples) if progress else None
         for first in range(0, num_samples, per_call):
             index = np.arange(start + first, start + first + per_call, dtype=np.int32)
             index = sharding.global_batch(mesh, index)
             images = multihost_utils.process_allgather(sample_uint8(params, rng, index), tiled=True)
             out.append(np.asarray(images))
-            if progress:
-                done = min(first + per_call, num_samples)
-                rate = done / (time.time() - t0)
-                logging.info("Sampled %d/%d images (%.1f img/s, ETA %.0f s).", done,
-                             num_samples, rate, (num_samples - done) / rate)
+            if shown:
+                shown.update(min(first + per_call, num_samples))
+        if shown:
+            shown.close()
         return np.concatenate(out)[:num_samples]
 
     return draw
@@ -135,10 +190,11 @@ def to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one near-square uint8 grid image with `pad` white pixels between."""
+def make_grid(images: np.ndarray, pad: int = 2, cols: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 grid image (near-square unless `cols` is given) with `pad`
+    white pixels between."""
     n, h, w, c = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = cols or int(np.ceil(np.sqrt(n)))
     rows = -(-n // cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
@@ -172,7 +228,7 @@ class Sampler:
 
         Without `config`, the config saved with the checkpoint is used.
         """
-        from ddpm_jax import checkpoint, train
+        from ddpm_jax import checkpoint
 
         ckpt = checkpoint.Checkpointer(workdir, read_only=True)
         if config is None:
@@ -182,10 +238,7 @@ class Sampler:
             config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1] if step < 0 else step))
         mesh = sharding.make_mesh()
         model = unet.from_config(config)
-        shape = input_pipeline.image_shape(config.data)
-        abstract = jax.eval_shape(
-            lambda: train.init_state(jax.random.key(0), model, train.make_optimizer(config),
-                                     shape).ema_params)
+        abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
         step, params = ckpt.restore_ema_params(abstract, step, config.model)
         ckpt.close()
@@ -202,6 +255,14 @@ class Sampler:
                             input_pipeline.image_shape(c.data), self.mesh, progress)
         return draw(self.params, jax.random.key(seed), num_samples)
 
+    def progress(self, num_images: int = 6, seed: int = 0, num_frames: int = 10) -> np.ndarray:
+        """uint8 [num_images, num_frames, H, W, C]: predicted x_0 from T to 0 (`draw_progress`)."""
+        c = self.config
+        sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
+        return draw_progress(self.model, self.params, sched, c.sampling, c.diffusion.prediction,
+                             input_pipeline.image_shape(c.data), jax.random.key(seed),
+                             min(num_images, c.sampling.num_samples), num_frames)
+
 
 def sample_and_write(config: ml_collections.ConfigDict, workdir: str) -> str:
     """--mode=sample: samples from the checkpoint into WORKDIR/samples/step_<N>/."""
@@ -214,5 +275,10 @@ def sample_and_write(config: ml_collections.ConfigDict, workdir: str) -> str:
         for i, img in enumerate(images):
             write_png(os.path.join(out_dir, f"{i:05d}.png"), img)
         np.savez(os.path.join(out_dir, "samples.npz"), images=images)
-    logging.info("Wrote %d samples to %s", len(images), out_dir)
+    # The denoising of the first few samples, one row per image: predicted x_0 from T to 0.
+    frames = sampler.progress(seed=config.seed)
+    if jax.process_index() == 0:
+        write_png(os.path.join(out_dir, "progress.png"),
+                  make_grid(frames.reshape(-1, *frames.shape[2:]), cols=frames.shape[1]))
+    logging.info("Wrote %d samples and progress.png to %s", len(images), out_dir)
     return out_dir

@@ -17,7 +17,16 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, diffusion, input_pipeline, sampling, sharding, unet, validate
+from ddpm_jax import (
+    checkpoint,
+    diffusion,
+    input_pipeline,
+    progress,
+    sampling,
+    sharding,
+    unet,
+    validate,
+)
 
 PyTree = Any
 
@@ -104,8 +113,7 @@ def describe_retrace(first: dict[str, str], latest: dict[str, str]) -> str:
 
 
 def init_state(rng: jax.Array, model: unet.UNet, tx, image_shape: tuple) -> TrainState:
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    params = model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+    params = unet.init_params(model, rng, image_shape)
     # A real copy: the step donates the state, and one buffer cannot be donated twice.
     ema_params = jax.tree.map(jnp.copy, params)
     zero = jnp.zeros((), jnp.int32)
@@ -287,16 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = unet.from_config(config)
     tx = make_optimizer(config)
     sched = diffusion.make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
-    rng = jax.random.key(config.seed)
-    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+    init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-    init_fn = functools.partial(init_state, model=model, tx=tx, image_shape=train_ds.image_shape)
-    abstract = jax.eval_shape(init_fn, init_rng)
-    state_sharding = sharding.replicated(mesh, abstract)
     ckpt = checkpoint.Checkpointer(workdir, config)
-    state = ckpt.restore_train_state(sharding.with_shardings(abstract, state_sharding))
-    if state is None:
-        state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    init_fn = functools.partial(init_state, model=model, tx=tx, image_shape=train_ds.image_shape)
+    state, state_sharding = _restore_or_init(ckpt, init_fn, init_rng, mesh)
     start_step = int(state.step)  # one host sync before the loop
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Model: %.2fM parameters; starting at step %d.", num_params / 1e6, start_step)
@@ -304,15 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     steps_fn, traces = count_traces(
         functools.partial(train_steps, model=model, tx=tx, sched=sched, config=config))
     step_fn = jit_train_steps(steps_fn, mesh, state_sharding)
-    n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
-    if n_eval < len(eval_images):
-        logging.warning("Validation loss on %d of %d held-out images (a multiple of the %d "
-                        "devices).", n_eval, len(eval_images), jax.device_count())
-    eval_fn = jax.jit(
-        functools.partial(eval_loss, model=model, sched=sched, config=config),
-        in_shardings=(state_sharding.params, sharding.batch(mesh)),
-    )
-    eval_batch = sharding.global_batch(mesh, eval_images[:n_eval]) if n_eval else None
+    eval_loss_of = _make_eval_loss(config, model, sched, mesh, state_sharding, eval_images)
     draw_samples = sampling.make_sampler(
         model, sched, config.sampling, config.diffusion.prediction, train_ds.image_shape, mesh
     )
@@ -330,68 +325,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report = periodic_actions.ReportProgress(
         num_train_steps=t.num_train_steps, writer=writer, every_steps=t.log_every_steps
     )
-
-    K = t.steps_per_call
-    batches = train_ds.iterate(start_step, sharding.batch(mesh, leading_dims=1), K)
+    batches = train_ds.iterate(start_step, sharding.batch(mesh, leading_dims=1), t.steps_per_call)
     stop = _StopRequest()
-    window: list[dict[str, jax.Array]] = []  # device metrics since the last log
-    pending: tuple[int, list] | None = None  # the last window, fetched after the next dispatch
+    bar = progress.TrainingProgress(t.num_train_steps, start_step, t.batch_size)
+    train_metrics = _LateMetrics(writer, ckpt, config, bar)
+    retraces = _RetraceWarning(traces)
     step = start_step
-    traces_seen = 0
     try:
         while step < t.num_train_steps:
             state, metrics = step_fn(state, next(batches), train_rng)
-            step += K
-            if len(traces) > traces_seen:  # the first trace, or a retrace: it compiles again
-                if traces_seen:
-                    logging.warning("The training step was traced and compiled again at step %d; "
-                                    "its inputs changed: %s", step - K,
-                                    describe_retrace(traces[0], traces[-1]))
-                traces_seen = len(traces)
-            window.append(metrics)
-            report(step)
-            # Fetch the previous window's metrics now that the device has new work queued.
-            if pending is not None:
-                _write_metrics(writer, *pending, state, ckpt, config)
-                pending = None
-            at_log_step = step % t.log_every_steps == 0 or step >= t.num_train_steps
-            if at_log_step:
-                pending, window = (step, window), []
-            if eval_batch is not None and step % t.eval_every_steps == 0:
-                writer.write_scalars(
-                    step,
-                    {
-                        "eval/loss": float(eval_fn(state.params, eval_batch)),
-                        "eval/loss_ema": float(eval_fn(state.ema_params, eval_batch)),
-                    },
-                )
+            retraces.check(step)
+            step += t.steps_per_call
             last = step >= t.num_train_steps
-            fid_metrics = fid_in_loop(step, state.ema_params) if fid_in_loop else None
-            if fid_metrics is not None:
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in fid_metrics.items()})
-                if config.eval.keep_best:
-                    evaluate.save_if_best(config, workdir, step, state.ema_params, fid_metrics)
+            bar.advance(t.steps_per_call)
+            report(step)
+            at_log_step = train_metrics.add(step, metrics, state)
+            if eval_loss_of is not None and step % t.eval_every_steps == 0:
+                writer.write_scalars(step, {"eval/loss": eval_loss_of(state.params),
+                                            "eval/loss_ema": eval_loss_of(state.ema_params)})
+            if fid_in_loop is not None:
+                _fid_in_loop(fid_in_loop, config, workdir, writer, step, state.ema_params)
             if step % t.sample_every_steps == 0 or last:
-                grid = sampling.make_grid(
-                    draw_samples(state.ema_params, jax.random.fold_in(sample_rng, step),
-                                 t.num_grid_samples)
-                )
-                if jax.process_index() == 0:
-                    sampling.write_png(f"{workdir}/samples/train_step_{step:08d}.png", grid)
-                writer.write_images(step, {"samples": grid[None]})
+                images = draw_samples(state.ema_params, jax.random.fold_in(sample_rng, step),
+                                      t.num_grid_samples)
+                _write_sample_grid(writer, workdir, step, images)
             if stop.requested(at_log_step) or ckpt.reached_preemption(step):
-                ckpt.save(step, state, force=True)
-                ckpt.wait()
-                if pending is not None:
-                    _write_metrics(writer, *pending, state, ckpt, config)
-                logging.warning("Stopped at step %d; checkpoint saved. Run again to resume.", step)
-                print(f"Stopped at step {step}; checkpoint saved. Run again to resume.")
-                return state
+                return _checkpoint_and_stop(step, state, ckpt, train_metrics, bar)
             if step % t.checkpoint_every_steps == 0 or last:
                 ckpt.save(step, state, force=last)
-        if pending is not None:
-            _write_metrics(writer, *pending, state, ckpt, config)
+        train_metrics.flush(state)
     finally:
+        bar.close()
         stop.restore()
         ckpt.wait()
         ckpt.close()
@@ -400,7 +364,111 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _write_metrics(writer, step, window, state, ckpt, config):
+# ---------------------------------------------------------------------------------------------
+# The loop's parts: set-up, and the actions it takes every so many steps
+
+
+def _restore_or_init(ckpt, init_fn, init_rng, mesh):
+    """(state, its sharding): the newest good checkpoint, else a fresh state, made replicated."""
+    abstract = jax.eval_shape(init_fn, init_rng)
+    state_sharding = sharding.replicated(mesh, abstract)
+    state = ckpt.restore_train_state(sharding.with_shardings(abstract, state_sharding))
+    if state is None:
+        state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    return state, state_sharding
+
+
+def _make_eval_loss(config, model, sched, mesh, state_sharding, eval_images):
+    """`fn(params) -> float`, the validation loss on the held-out images; None without any."""
+    n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
+    if n_eval < len(eval_images):
+        logging.warning("Validation loss on %d of %d held-out images (a multiple of the %d "
+                        "devices).", n_eval, len(eval_images), jax.device_count())
+    if not n_eval:
+        return None
+    eval_fn = jax.jit(
+        functools.partial(eval_loss, model=model, sched=sched, config=config),
+        in_shardings=(state_sharding.params, sharding.batch(mesh)),
+    )
+    eval_batch = sharding.global_batch(mesh, eval_images[:n_eval])
+    return lambda params: float(eval_fn(params, eval_batch))
+
+
+class _RetraceWarning:
+    """Warns when the training step is traced (so compiled) again, naming what changed."""
+
+    def __init__(self, traces: list[dict[str, str]]):
+        self.traces, self.seen = traces, 0
+
+    def check(self, step: int) -> None:
+        if len(self.traces) > self.seen:  # the first trace, or a retrace
+            if self.seen:
+                logging.warning("The training step was traced and compiled again at step %d; "
+                                "its inputs changed: %s", step,
+                                describe_retrace(self.traces[0], self.traces[-1]))
+            self.seen = len(self.traces)
+
+
+class _LateMetrics:
+    """Training metrics written one log step late, so fetching them never stalls the device.
+
+    Each step's device metrics join the window; at a log step the window is set aside, and it is
+    fetched, summarised and written after the next step is dispatched.
+    """
+
+    def __init__(self, writer, ckpt, config, bar: progress.TrainingProgress):
+        self.writer, self.ckpt, self.config, self.bar = writer, ckpt, config, bar
+        self.window: list[dict[str, jax.Array]] = []  # device metrics since the last log step
+        self.pending: tuple[int, list] | None = None  # the last window, fetched at the next step
+
+    def add(self, step: int, metrics, state: TrainState) -> bool:
+        """Queue one step's metrics, write the previous window; True at a log step."""
+        self.window.append(metrics)
+        self.flush(state)
+        t = self.config.training
+        at_log_step = step % t.log_every_steps == 0 or step >= t.num_train_steps
+        if at_log_step:
+            self.pending, self.window = (step, self.window), []
+        return at_log_step
+
+    def flush(self, state: TrainState) -> None:
+        if self.pending is not None:
+            summary = _write_metrics(self.writer, *self.pending, state, self.ckpt, self.config)
+            self.pending = None
+            self.bar.show_loss(summary["loss"])
+
+
+def _fid_in_loop(fid_in_loop, config, workdir, writer, step, ema_params) -> None:
+    """In-loop FID at its steps (the evaluator knows which), and the best EMA params kept."""
+    from ddpm_jax import evaluate
+
+    fid_metrics = fid_in_loop(step, ema_params)
+    if fid_metrics is None:
+        return
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in fid_metrics.items()})
+    if config.eval.keep_best:
+        evaluate.save_if_best(config, workdir, step, ema_params, fid_metrics)
+
+
+def _write_sample_grid(writer, workdir, step, images) -> None:
+    grid = sampling.make_grid(images)
+    if jax.process_index() == 0:
+        sampling.write_png(f"{workdir}/samples/train_step_{step:08d}.png", grid)
+    writer.write_images(step, {"samples": grid[None]})
+
+
+def _checkpoint_and_stop(step, state, ckpt, train_metrics, bar) -> TrainState:
+    """On a stop request or preemption: checkpoint, wait until it is on disk, log what is left."""
+    ckpt.save(step, state, force=True)
+    ckpt.wait()
+    train_metrics.flush(state)
+    bar.close()  # before the message, so it is not drawn over
+    logging.warning("Stopped at step %d; checkpoint saved. Run again to resume.", step)
+    print(f"Stopped at step {step}; checkpoint saved. Run again to resume.")
+    return state
+
+
+def _write_metrics(writer, step, window, state, ckpt, config) -> dict[str, float]:
     summary = summarize(jax.device_get(window))
     streak = summary.pop("_max_nonfinite_streak")
     writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
@@ -413,3 +481,4 @@ def _write_metrics(writer, step, window, state, ckpt, config):
             f"{config.training.max_nonfinite_steps}) before step {step}; the last good state is "
             f"checkpointed at step {int(state.step)}. Lower optim.learning_rate or check the data."
         )
+    return summary

@@ -248,3 +248,15 @@ def from_config(config) -> UNet:
         norm_groups=norm_groups(m),
         remat=m.remat,
     )
+
+
+def init_params(model: UNet, rng: jax.Array, image_shape: Sequence[int]):
+    """Freshly initialised parameters for images of `image_shape` (H, W, C)."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+
+def abstract_params(model: UNet, image_shape: Sequence[int]):
+    """The parameter tree as shapes and dtypes (jax.ShapeDtypeStruct), computing nothing: what
+    restoring parameters from a checkpoint needs to know."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0), tuple(image_shape)))

@@ -234,3 +234,15 @@ def test_greyscale_training_samples_grey_pngs(tmp_path):
     assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
     with Image.open(os.path.join(out, "00000.png")) as png:
         assert png.mode == "L" and np.array_equal(np.asarray(png), images[0, ..., 0])
+
+
+def test_workdir_defaults_to_runs_and_the_config_name(tmp_path):
+    """`--config configs/NAME.py` alone works in every mode, in runs/NAME below the current
+    directory, and says so on its first line (here: sampling, which finds no checkpoint there)."""
+    cmd = [a for a in main_cmd(tiny_config(), "unused", "--mode=sample") if a not in
+           ("--workdir", "unused")]
+    result = subprocess.run(cmd, env=env(1), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.splitlines()[0] == "Work directory: runs/default"
+    assert result.returncode == 1
+    assert f"no checkpoint in {tmp_path}/runs/default/checkpoints" in result.stderr

@@ -6,6 +6,7 @@ imported (the conftest does it); they are skipped otherwise.
 
 import io
 import logging
+import time
 
 import jax
 import ml_collections
@@ -15,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from ddpm_jax import input_pipeline
 from ddpm_jax.input_pipeline import InputError, create_datasets, to_model_input
 
 NUM_COLORS = 40  # files in the colour-coded folder
@@ -334,6 +336,40 @@ def test_tfds_failure_is_one_line_with_a_way_out():
         create(config, batch=8)
     assert "--config.data.source=folder" in str(err.value) and "\n" not in str(err.value)
     assert err.value.__suppress_context__
+
+
+def test_tfds_download_offline_fails_in_seconds_with_a_way_out(tmp_path, monkeypatch):
+    """Offline, tfds would retry the download for minutes; one quick check fails first."""
+    pytest.importorskip("tensorflow_datasets")
+    asked = []
+    monkeypatch.setattr(input_pipeline, "_reachable", lambda url, timeout_s: asked.append(url))
+    config = make_config(source="tfds", name="celeb_a", data_dir=str(tmp_path))
+    with pytest.raises(InputError) as err:
+        create(config, batch=8)
+    message = str(err.value)
+    assert asked == ["https://drive.google.com/"]
+    assert "does not answer" in message and "celeb_a" in message and "\n" not in message
+    assert "--config.data.source=folder" in message and "--config.data.path=" in message
+
+
+def test_prepared_tfds_data_needs_no_network(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def no_network(url, timeout_s):
+        raise AssertionError(f"asked {url} for a prepared dataset")
+
+    monkeypatch.setattr(input_pipeline, "_reachable", no_network)
+    with tfds.testing.mock_data(num_examples=4):  # a prepared dataset, as tfds.load sees it
+        ds, _ = create(make_config(source="tfds", name="celeb_a", num_eval_examples=2), batch=2)
+    assert ds.num_examples == 2
+
+
+@pytest.mark.parametrize("url", ["http://192.0.2.1/", "https://nothing.invalid/"])
+def test_unreachable_servers_are_reported_within_the_timeout(url):
+    # 192.0.2.0/24 is reserved for documentation (RFC 5737) and .invalid never resolves (RFC 2606).
+    start = time.monotonic()
+    assert not input_pipeline._reachable(url, timeout_s=0.5)
+    assert time.monotonic() - start < 2.0
 
 
 def test_embedded_lfw_faces_offline():

@@ -83,3 +83,24 @@ def test_make_grid():
     grid = sampling.make_grid(images, pad=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
     assert grid[0].min() == 255 and grid[1, 1:5].max() == 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_progress_frames_end_at_the_same_samples(sampler):
+    """progress.png's rows: predicted x0 at 10 timesteps, the same images as samples 0..3."""
+    T = 50
+    sched = diffusion.make_schedule("linear", T)
+    cfg = ml_collections.ConfigDict(dict(sampler=sampler, num_steps=20, eta=0.0,
+                                         variance="fixed_small", clip_x0=False))
+    frames = sampling.draw_progress(OptimalDenoiser(sched), None, sched, cfg, "eps", (1, 1, 2),
+                                    jax.random.key(0), num_images=4, num_frames=10)
+    assert frames.shape == (4, 10, 1, 1, 2) and frames.dtype == np.uint8
+    samples = draw(sampler, num=4, T=T, num_steps=20)
+    # The x0 predicted at t=0 is the sample, up to uint8 rounding of float differences.
+    assert np.abs(frames[:, -1].astype(int) - samples.astype(int)).max() <= 1
+    assert not np.array_equal(frames[:, 0], frames[:, -1])  # early predictions are blurry means
+
+
+def test_make_grid_with_columns():
+    grid = sampling.make_grid(np.zeros((6, 4, 4, 3), np.uint8), pad=1, cols=3)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
