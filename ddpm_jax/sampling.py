@@ -1,4 +1,4 @@
-"""Ancestral (DDPM) and DDIM samplers, each one jitted `lax.scan`, and sampling from checkpoints.
+"""Sampling: the samplers of solvers.py jitted over the devices, and sampling from checkpoints.
 
 Every image draws its noise from `fold_in(seed_key, image_index)`, so an image depends only on the
 seed and its index: the same samples on 1 device or 8, in one call or many.
@@ -24,67 +24,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sharding, unet
+from ddpm_jax import diffusion, input_pipeline, sharding, solvers, unet
 
-SAMPLERS = ("ddpm", "ddim")
-
-
-def _image_noise(image_keys: jax.Array, t, shape) -> jax.Array:
-    """Per-image standard normal noise for step t: [B, *shape]."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(image_keys)
-
-
-def _predict(model, params, sched, prediction, clip_x0, x, t):
-    t_B = jnp.full((x.shape[0],), t, jnp.int32)
-    x0, eps = diffusion.predict_x0_eps(sched, prediction, x, t_B, model.apply({"params": params},
-                                                                               x, t_B))
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = diffusion.eps_from_x0(sched, x, t_B, x0)  # keep eps consistent with the clipped x0
-    return x0, eps, t_B
-
-
-def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, variance="fixed_large", clip_x0=True, prediction="eps") -> jax.Array:
-    """Ancestral sampling over all T steps (DDPM algorithm 2). Returns x_0 in [-1, 1]-ish."""
-    T = sched.num_timesteps
-    x = _image_noise(image_keys, T, image_shape)
-
-    def step(x, t):
-        x0, _, t_B = _predict(model, params, sched, prediction, clip_x0, x, t)
-        mean, log_var = diffusion.q_posterior(sched, x0, x, t_B, variance)
-        noise = _image_noise(image_keys, t, image_shape)
-        return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise, None
-
-    x, _ = jax.lax.scan(step, x, jnp.arange(T - 1, -1, -1))
-    return x
-
-
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """Evenly spaced timesteps from T - 1 down to 0 (includes both ends)."""
-    ts = np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))
-    return ts[::-1].copy()
-
-
-def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, num_steps=100, eta=0.0, clip_x0=True, prediction="eps") -> jax.Array:
-    """DDIM (Song et al. 2021, eq. 12): eta=0 deterministic, eta=1 matches DDPM's fixed-small."""
-    ts = ddim_timesteps(sched.num_timesteps, num_steps)
-    ts_prev = np.append(ts[1:], -1)
-    x = _image_noise(image_keys, sched.num_timesteps, image_shape)
-
-    def step(x, t_pair):
-        t, t_prev = t_pair
-        x0, eps, _ = _predict(model, params, sched, prediction, clip_x0, x, t)
-        abar = sched.alphas_cumprod[t]
-        abar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-        var = eta**2 * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
-        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - var, 0.0))
-        noise = _image_noise(image_keys, t, image_shape)
-        return jnp.sqrt(abar_prev) * x0 + dir_coef * eps + jnp.sqrt(var) * noise, None
-
-    x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev)))
-    return x
+SAMPLERS = solvers.SAMPLERS
 
 
 def make_sampler(model, sched, sampling_config, prediction: str, image_shape, mesh,
@@ -96,12 +38,7 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
     same whatever the call size, the device count or how the range is split into calls.
     """
     s = sampling_config
-    if s.sampler == "ddpm":
-        fn = functools.partial(ddpm_sample, variance=s.variance)
-    elif s.sampler == "ddim":
-        fn = functools.partial(ddim_sample, num_steps=s.num_steps, eta=s.eta)
-    else:
-        raise ValueError(f"sampling.sampler={s.sampler!r}: expected one of {SAMPLERS}")
+    fn = solvers.from_config(s, sched.num_timesteps)
     image_shape = tuple(image_shape)
 
     @functools.partial(jax.jit, out_shardings=sharding.batch(mesh))
