@@ -66,7 +66,8 @@ def predict(model, params, sched, prediction, clip_x0, x, t):
 
 
 def timesteps(sched: diffusion.Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-    """`num_steps` distinct integer timesteps from T - 1 down to 0 (both ends included).
+    """`num_steps` distinct integer timesteps from T - 1 down to 0 (both ends included, but
+    just T - 1 for one step).
 
     'uniform' is even in t, 'quadratic' even in sqrt(t) (dense at low noise), 'logsnr' even in
     lambda and 'karras' even in sigma^(1/rho) with sigma = exp(-lambda) (EDM, eq. 5). The last
@@ -76,7 +77,8 @@ def timesteps(sched: diffusion.Schedule, num_steps: int, spacing: str = "uniform
     T = sched.num_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps={num_steps}: expected 1 to T={T}")
-    u = np.linspace(0.0, 1.0, num_steps)  # 0 at t = 0, 1 at t = T - 1
+    # 0 at t = 0, 1 at t = T - 1; one step starts where the noise is (then returns its x0).
+    u = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.ones(1)
     if spacing == "uniform":
         t = u * (T - 1)
     elif spacing == "quadratic":
