@@ -86,6 +86,8 @@ def timesteps(sched: diffusion.Schedule, num_steps: int, spacing: str = "uniform
     elif spacing in ("logsnr", "karras"):
         with jax.ensure_compile_time_eval():  # a constant of the schedule, also inside a jit
             lam = np.asarray(diffusion.log_snr(sched, jnp.arange(T)), np.float64)  # decreasing
+        # Finite where abar_{T-1} = 0 (DDPM's linear betas stretched to T = 20 reach 1).
+        lam = np.clip(lam, -20.0, 20.0)
         if spacing == "logsnr":
             target = lam[0] + u * (lam[-1] - lam[0])
         else:
