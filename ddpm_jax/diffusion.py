@@ -1,6 +1,7 @@
 """The diffusion process: noise schedules, forward process, posterior and the training loss.
 
-All of DDPM's math (Ho et al. 2020) lives here, as pure functions of a `Schedule`. The schedule is
+All of DDPM's math (Ho et al. 2020) lives here, as pure functions of a `Schedule`, with the VP
+view the few-step solvers use (alpha, sigma, log-SNR) and Improved DDPM's respacing. The schedule is
 computed in float64 NumPy and then cast, so float32 training uses the most accurate constants and
 tests can run every function in float64 (under `jax.enable_x64`) against closed forms.
 
