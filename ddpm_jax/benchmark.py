@@ -8,8 +8,8 @@ Measures the jitted training step exactly as `train.train_and_evaluate` runs it 
 donated state) on a batch already on device, so the figure is the step's and not the input
 pipeline's (see benchmarks/bench_input_pipeline.py for that). Reports images/s, model FLOPs per
 image from XLA's cost analysis of the compiled step, achieved TFLOP/s and MFU, peak device memory,
-trace/compile time, and the images/s of the ancestral (DDPM) and DDIM samplers. Every timing is
-the median of `--repeats` repeats after a warm-up, read after `jax.block_until_ready`.
+trace/compile time, and the images/s of every sampler (solvers.SAMPLERS). Every timing is the
+median of `--repeats` repeats after a warm-up, read after `jax.block_until_ready`.
 
 Prints a table, then ONE line of JSON (the last line of stdout) for scripts to parse.
 """
@@ -47,6 +47,7 @@ from ddpm_jax import (  # noqa: E402
     input_pipeline,
     sampling,
     sharding,
+    solvers,
     train,
     unet,
     validate,
@@ -66,7 +67,7 @@ PEAK_TFLOPS_BY_KIND: tuple[tuple[str, float], ...] = (
     ("TPU v3", 123.0),
 )
 
-# On a CPU a sampler call at the config's 1000 (ancestral) or 100 (DDIM) steps takes minutes.
+# On a CPU a sampler call at 1000 (ancestral) or 100 (DDIM) steps takes minutes.
 CPU_SAMPLING_TIMESTEPS = 10
 CPU_SAMPLE_IMAGES = 8
 
@@ -80,7 +81,7 @@ class Options:
     warmup: int = 1  # untimed calls after compilation
     peak_tflops: float | None = None  # per device; None: from PEAK_TFLOPS_BY_KIND
     sample_images: int | None = None  # None: a few on CPU, a full sampling batch elsewhere
-    sampling_timesteps: int | None = None  # None: few on CPU, the config's T / num_steps elsewhere
+    sampling_timesteps: int | None = None  # None: few on CPU, the config's num_steps elsewhere
     skip_sampling: bool = False
 
 
@@ -292,41 +293,33 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     return result, holder["state"]
 
 
-def sampler_settings(config: ml_collections.ConfigDict, sampler: str, timesteps: int | None
-                     ) -> tuple[ml_collections.ConfigDict, diffusion.Schedule, int]:
-    """(sampling config, schedule, network evaluations per image) for one sampler.
-
-    The ancestral sampler always runs all T steps, so fewer steps means a shorter schedule; DDIM
-    keeps the config's T and takes `timesteps` of its steps. A step costs the same whichever step
-    it is, so images/s scale as 1 / evaluations.
-    """
+def sampler_settings(config: ml_collections.ConfigDict, sampler: str, num_steps: int | None
+                     ) -> tuple[ml_collections.ConfigDict, int]:
+    """(sampling config, network evaluations per image) for one sampler at `num_steps` (None:
+    the config's). A step costs the same whichever step it is, so images/s scale as
+    1 / evaluations."""
     s = ml_collections.ConfigDict(config.sampling.to_dict())
     s.sampler = sampler
-    d = config.diffusion
-    if sampler == "ddpm":
-        T = timesteps or d.num_timesteps
-        # DDPM's linear betas, stretched to a short T, pass 1 below T = 20 (NaN samples); the
-        # cosine schedule is valid at any T and costs the same per step.
-        name = d.beta_schedule if T == d.num_timesteps else "cosine"
-        return s, diffusion.make_schedule(name, T), T
-    s.num_steps = min(timesteps or s.num_steps, d.num_timesteps)
-    sched = diffusion.make_schedule(d.beta_schedule, d.num_timesteps)
-    return s, sched, len(sampling.ddim_timesteps(d.num_timesteps, s.num_steps))
+    T = config.diffusion.num_timesteps
+    s.num_steps = min(num_steps or s.num_steps or T, T)
+    return s, solvers.num_evaluations(sampler, s.num_steps)
 
 
 def bench_sampler(config: ml_collections.ConfigDict, mesh, params, sampler: str,
                   num_images: int, timesteps: int | None, repeats: int) -> dict:
     """Images/s of one sampler (median of repeats after a compiling call), one call per draw."""
-    s, sched, evals = sampler_settings(config, sampler, timesteps)
+    s, evals = sampler_settings(config, sampler, timesteps)
     s.per_device_batch = num_images // mesh.devices.size  # the whole draw in one jitted call
-    draw = sampling.make_sampler(unet.from_config(config), sched, s, config.diffusion.prediction,
+    d = config.diffusion
+    sched = diffusion.make_schedule(d.beta_schedule, d.num_timesteps)
+    draw = sampling.make_sampler(unet.from_config(config), sched, s, d.prediction,
                                  input_pipeline.image_shape(config.data), mesh)
     rng = jax.random.key(config.seed)
     t0 = time.perf_counter()
     draw(params, rng, num_images)  # returns a host array: already synchronised
     first_s = time.perf_counter() - t0
     median_s, _ = median_seconds(lambda: draw(params, rng, num_images), repeats)
-    _, _, config_evals = sampler_settings(config, sampler, None)
+    _, config_evals = sampler_settings(config, sampler, None)
     return {
         f"{sampler}_sample_steps": evals,
         f"{sampler}_sample_images_per_s": num_images / median_s,
@@ -433,8 +426,9 @@ flags.DEFINE_integer("sample_images", None,
                      f"Images per sampler call. Default: {CPU_SAMPLE_IMAGES} on CPU, else "
                      "sampling.per_device_batch per device.")
 flags.DEFINE_integer("sampling_timesteps", None,
-                     f"Network evaluations per sample (the ancestral sampler's T and DDIM's "
-                     f"steps). Default: {CPU_SAMPLING_TIMESTEPS} on CPU, else the config's.")
+                     f"Every sampler's sampling.num_steps (network evaluations per sample; Heun "
+                     f"rounds down to odd). Default: {CPU_SAMPLING_TIMESTEPS} on CPU, else the "
+                     "config's.")
 flags.DEFINE_bool("skip_sampling", False, "Time the training step only.")
 flags.mark_flags_as_required(["config"])
 

@@ -1,6 +1,7 @@
 """The diffusion process: noise schedules, forward process, posterior and the training loss.
 
-All of DDPM's math (Ho et al. 2020) lives here, as pure functions of a `Schedule`. The schedule is
+All of DDPM's math (Ho et al. 2020) lives here, as pure functions of a `Schedule`, with the VP
+view the few-step solvers use (alpha, sigma, log-SNR) and Improved DDPM's respacing. The schedule is
 computed in float64 NumPy and then cast, so float32 training uses the most accurate constants and
 tests can run every function in float64 (under `jax.enable_x64`) against closed forms.
 
@@ -56,13 +57,18 @@ class Schedule:
 
 
 def make_schedule(name: str, num_timesteps: int, dtype=jnp.float32) -> Schedule:
-    betas = beta_schedule(name, num_timesteps)
+    return schedule_from_betas(beta_schedule(name, num_timesteps), dtype)
+
+
+def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
+    """The Schedule of float64 `betas`, its constants computed in float64 and then cast."""
+    num_timesteps = len(betas)
+    if num_timesteps < 2:
+        raise ValueError(f"diffusion.num_timesteps={num_timesteps}: need at least 2")
     abar = np.cumprod(1.0 - betas)
     abar_prev = np.append(1.0, abar[:-1])
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
     # beta_tilde_0 = 0; DDPM clips its log at beta_tilde_1 so log-likelihood terms stay finite.
-    if num_timesteps < 2:
-        raise ValueError(f"diffusion.num_timesteps={num_timesteps}: need at least 2")
     post_log_var = np.log(np.append(post_var[1], post_var[1:]))
     arrays = dict(
         betas=betas,
@@ -74,6 +80,24 @@ def make_schedule(name: str, num_timesteps: int, dtype=jnp.float32) -> Schedule:
         posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
     )
     return Schedule(**{k: jnp.asarray(v, dtype) for k, v in arrays.items()})
+
+
+def respace(sched: Schedule, timesteps) -> Schedule:
+    """The schedule of the sub-chain through `timesteps` (Improved DDPM's respacing, Nichol &
+    Dhariwal 2021, sec. 4): betas recomputed so that its abar_i is the original abar at the i-th
+    kept timestep (ascending). Index i of the result stands for timestep `timesteps[i]`.
+
+    Computed in NumPy float64 from the schedule's (concrete, not traced) betas. Where two kept
+    timesteps are consecutive the new beta is the old one, taken as is rather than as
+    1 - abar_t / abar_{t-1}, so respacing to all T steps returns the same constants.
+    """
+    ts = np.sort(np.asarray(timesteps))
+    betas = np.asarray(sched.betas, np.float64)
+    abar = np.cumprod(1.0 - betas)[ts]
+    abar_prev = np.append(1.0, abar[:-1])
+    consecutive = np.diff(ts, prepend=-1) == 1
+    new_betas = np.where(consecutive, betas[ts], 1.0 - abar / abar_prev)
+    return schedule_from_betas(new_betas, sched.betas.dtype)
 
 
 def _bcast(values_B: jax.Array, x: jax.Array) -> jax.Array:
@@ -149,6 +173,26 @@ def predict_x0_eps(sched: Schedule, prediction: str, xt, t_B, model_out):
 def snr(sched: Schedule, t_B: jax.Array) -> jax.Array:
     abar = sched.alphas_cumprod[t_B]
     return abar / (1.0 - abar)
+
+
+# The continuous VP view used by the few-step solvers: x_t = alpha_t x0 + sigma_t eps with
+# alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), and the half log-SNR
+# lambda_t = log(alpha_t / sigma_t) (DPM-Solver's notation). t = -1 stands for the clean data
+# (abar = 1, sigma = 0, lambda = +inf), where every solver's last step lands.
+def abar_at(sched: Schedule, t: jax.Array) -> jax.Array:
+    """abar_t for integer t of any shape, 1 at t = -1."""
+    return jnp.where(t >= 0, sched.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
+
+
+def alpha_sigma(sched: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    abar = abar_at(sched, t)
+    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+
+def log_snr(sched: Schedule, t: jax.Array) -> jax.Array:
+    """lambda_t = log(alpha_t / sigma_t), decreasing in t; +inf at t = -1."""
+    abar = abar_at(sched, t)
+    return 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
 
 
 def loss_weight(sched: Schedule, t_B, prediction: str, min_snr_gamma: float | None):

@@ -43,7 +43,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, fid, inception, input_pipeline, sampling, sharding, unet, validate
+from ddpm_jax import (
+    diffusion,
+    fid,
+    inception,
+    input_pipeline,
+    sampling,
+    sharding,
+    solvers,
+    unet,
+    validate,
+)
 from ddpm_jax import progress as progress_lib  # `progress` is a flag here
 
 PyTree = Any
@@ -77,10 +87,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
             raise validate.ConfigError(f"eval.{key}={value!r}: expected an integer >= {minimum}")
     if ev.reference_num_examples == 1:
         raise validate.ConfigError("eval.reference_num_examples=1: use 0 (all) or at least 2")
-    if config.sampling.sampler not in sampling.SAMPLERS:
-        raise validate.ConfigError(
-            f"sampling.sampler={config.sampling.sampler!r}: expected one of {sampling.SAMPLERS}"
-        )
+    validate.check_sampling(config)
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> str:
@@ -118,9 +125,12 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "clip_x0": bool(s.clip_x0),
         "num_timesteps": config.diffusion.num_timesteps,
     }
+    num_steps = s.num_steps or config.diffusion.num_timesteps
+    out.update(num_steps=num_steps, spacing=solvers.resolve_spacing(s.sampler, s.spacing),
+               network_evaluations=solvers.num_evaluations(s.sampler, num_steps))
     if s.sampler == "ddim":
-        out.update(num_steps=s.num_steps, eta=float(s.eta))
-    else:
+        out.update(eta=float(s.eta))
+    elif s.sampler == "ddpm":
         out.update(variance=s.variance)
     return out
 

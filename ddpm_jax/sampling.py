@@ -1,4 +1,4 @@
-"""Ancestral (DDPM) and DDIM samplers, each one jitted `lax.scan`, and sampling from checkpoints.
+"""Sampling: the samplers of solvers.py jitted over the devices, and sampling from checkpoints.
 
 Every image draws its noise from `fold_in(seed_key, image_index)`, so an image depends only on the
 seed and its index: the same samples on 1 device or 8, in one call or many.
@@ -23,106 +23,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sharding, unet
+from ddpm_jax import diffusion, input_pipeline, sharding, solvers, unet
 from ddpm_jax import progress as progress_lib  # `progress` is make_sampler's flag
 
-SAMPLERS = ("ddpm", "ddim")
-
-
-def _image_noise(image_keys: jax.Array, t, shape) -> jax.Array:
-    """Per-image standard normal noise for step t: [B, *shape]."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(image_keys)
-
-
-def _predict(model, params, sched, prediction, clip_x0, x, t):
-    t_B = jnp.full((x.shape[0],), t, jnp.int32)
-    x0, eps = diffusion.predict_x0_eps(sched, prediction, x, t_B, model.apply({"params": params},
-                                                                               x, t_B))
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = diffusion.eps_from_x0(sched, x, t_B, x0)  # keep eps consistent with the clipped x0
-    return x0, eps, t_B
-
-
-def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, variance="fixed_large", clip_x0=True, prediction="eps", record=None):
-    """Ancestral sampling over all T steps (DDPM algorithm 2). Returns x_0 in [-1, 1]-ish
-    (and with `record`, the predicted x_0 at those timesteps: see `_record`)."""
-    T = sched.num_timesteps
-    x = _image_noise(image_keys, T, image_shape)
-
-    def step(carry, t):
-        x, frames = carry
-        x0, _, t_B = _predict(model, params, sched, prediction, clip_x0, x, t)
-        mean, log_var = diffusion.q_posterior(sched, x0, x, t_B, variance)
-        noise = _image_noise(image_keys, t, image_shape)
-        x = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
-        return (x, _record(frames, record, t, x0)), None
-
-    (x, frames), _ = jax.lax.scan(step, (x, _frames(record, x)), jnp.arange(T - 1, -1, -1))
-    return x if record is None else (x, frames[:-1])
-
-
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """Evenly spaced timesteps from T - 1 down to 0 (includes both ends)."""
-    ts = np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))
-    return ts[::-1].copy()
-
-
-def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
-                *, num_steps=100, eta=0.0, clip_x0=True, prediction="eps", record=None):
-    """DDIM (Song et al. 2021, eq. 12): eta=0 deterministic, eta=1 matches DDPM's fixed-small.
-    With `record`, also returns the predicted x_0 at those timesteps (see `_record`)."""
-    ts = ddim_timesteps(sched.num_timesteps, num_steps)
-    ts_prev = np.append(ts[1:], -1)
-    x = _image_noise(image_keys, sched.num_timesteps, image_shape)
-
-    def step(carry, t_pair):
-        (x, frames), (t, t_prev) = carry, t_pair
-        x0, eps, _ = _predict(model, params, sched, prediction, clip_x0, x, t)
-        abar = sched.alphas_cumprod[t]
-        abar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-        var = eta**2 * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
-        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - var, 0.0))
-        noise = _image_noise(image_keys, t, image_shape)
-        x = jnp.sqrt(abar_prev) * x0 + dir_coef * eps + jnp.sqrt(var) * noise
-        return (x, _record(frames, record, t, x0)), None
-
-    carry = (x, _frames(record, x))
-    (x, frames), _ = jax.lax.scan(step, carry, (jnp.asarray(ts), jnp.asarray(ts_prev)))
-    return x if record is None else (x, frames[:-1])
-
-
-def _frames(record, x):
-    """The recording buffer: one slot per recorded timestep and a last one that takes the rest."""
-    return None if record is None else jnp.zeros((len(record) + 1, *x.shape), x.dtype)
-
-
-def _record(frames, record, t, x0):
-    """`frames` with x0 in the slot of timestep t (the spare last slot if t is not recorded).
-
-    A buffer in the scan's carry, not a scan output: a picture of 10 steps out of 1000 keeps 10.
-    """
-    if record is None:
-        return None
-    slot = jnp.argmax(jnp.append(jnp.asarray(record) == t, True))
-    return frames.at[slot].set(x0)
-
-
-def _sampler_fn(s: ml_collections.ConfigDict):
-    """The sampler named by the `sampling` config, with its settings bound."""
-    if s.sampler == "ddpm":
-        return functools.partial(ddpm_sample, variance=s.variance)
-    if s.sampler == "ddim":
-        return functools.partial(ddim_sample, num_steps=s.num_steps, eta=s.eta)
-    raise ValueError(f"sampling.sampler={s.sampler!r}: expected one of {SAMPLERS}")
-
-
-def sampled_timesteps(s: ml_collections.ConfigDict, num_timesteps: int) -> np.ndarray:
-    """The timesteps the sampler visits, from T - 1 down to 0."""
-    if s.sampler == "ddim":
-        return ddim_timesteps(num_timesteps, s.num_steps)
-    return np.arange(num_timesteps - 1, -1, -1)
+SAMPLERS = solvers.SAMPLERS
 
 
 def draw_progress(model, params, sched, sampling_config, prediction: str, image_shape,
@@ -133,9 +37,9 @@ def draw_progress(model, params, sched, sampling_config, prediction: str, image_
     Images 0 .. num_images - 1 of `rng`, with the same per-image noise as `make_sampler`: the
     last frames are (up to float rounding) the first samples `make_sampler` draws.
     """
-    ts = sampled_timesteps(sampling_config, sched.num_timesteps)
+    ts = solvers.visited_timesteps(sampling_config, sched)
     record = ts[np.unique(np.round(np.linspace(0, len(ts) - 1, num_frames)).astype(int))]
-    fn = _sampler_fn(sampling_config)
+    fn = solvers.from_config(sampling_config, sched.num_timesteps)
 
     @jax.jit
     def run(params, rng):
@@ -156,7 +60,7 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
     same whatever the call size, the device count or how the range is split into calls.
     """
     s = sampling_config
-    fn = _sampler_fn(s)
+    fn = solvers.from_config(s, sched.num_timesteps)
     image_shape = tuple(image_shape)
 
     @functools.partial(jax.jit, out_shardings=sharding.batch(mesh))

@@ -11,7 +11,7 @@ import tempfile
 
 import ml_collections
 
-from ddpm_jax import diffusion, input_pipeline, unet
+from ddpm_jax import diffusion, input_pipeline, solvers, unet
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,7 @@ def _positive_int(config, key: str) -> int:
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: int = 1) -> None:
-    d, m, t, s = config.data, config.model, config.training, config.sampling
+    d, m, t = config.data, config.model, config.training
     _one_of(config, "data.source", input_pipeline.SOURCES)
     _require(d.source != "folder" or bool(d.path),
              "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
@@ -91,13 +91,23 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _positive_int(config, "training.num_grid_samples")
     _positive_int(config, "training.max_nonfinite_steps")
 
-    _one_of(config, "sampling.sampler", ("ddpm", "ddim"))
-    _one_of(config, "sampling.variance", diffusion.VARIANCES)
-    steps = _positive_int(config, "sampling.num_steps")
-    _require(steps <= T, f"sampling.num_steps={steps} exceeds diffusion.num_timesteps={T}")
-    _require(0.0 <= s.eta <= 1.0, f"sampling.eta={s.eta}: expected 0 <= eta <= 1")
+    check_sampling(config)
     _positive_int(config, "sampling.num_samples")
     _positive_int(config, "sampling.per_device_batch")
+
+
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The sampler settings (also checked by --mode=eval before it loads anything)."""
+    s, T = config.sampling, config.diffusion.num_timesteps
+    _one_of(config, "sampling.sampler", solvers.SAMPLERS)
+    _one_of(config, "sampling.spacing", ("auto",) + solvers.SPACINGS)
+    _one_of(config, "sampling.variance", diffusion.VARIANCES)
+    steps = s.num_steps
+    _require(isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= T,
+             f"sampling.num_steps={steps!r}: expected 0 (all T) to diffusion.num_timesteps={T}")
+    _require(s.sampler != "ddpm" or steps != 1,
+             "sampling.num_steps=1: the ancestral sampler needs at least 2 steps")
+    _require(0.0 <= s.eta <= 1.0, f"sampling.eta={s.eta}: expected 0 <= eta <= 1")
 
 
 def slow_on_platform(config: ml_collections.ConfigDict, platform: str) -> str | None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import tiny_config
 
-from ddpm_jax import benchmark, unet
+from ddpm_jax import benchmark, sampling, unet
 
 SAMPLING_TIMESTEPS = 10
 
@@ -70,9 +70,9 @@ def test_json_line_has_every_field_and_is_the_last_line(record, capsys):
     positive = ["train_images_per_s", "train_step_s", "flops_per_image",
                 "forward_flops_per_image", "forward_matmul_flops_per_image", "achieved_tflops",
                 "mfu", "lower_s", "compile_s",
-                "params", "ddpm_sample_images_per_s", "ddim_sample_images_per_s",
-                "ddpm_sample_images_per_s_at_config_steps",
-                "ddim_sample_images_per_s_at_config_steps"]
+                "params"]
+    positive += [f"{sampler}_sample_images_per_s{suffix}" for sampler in sampling.SAMPLERS
+                 for suffix in ("", "_at_config_steps")]
     for key in positive:
         assert isinstance(parsed[key], (int, float)) and math.isfinite(parsed[key]), key
         assert parsed[key] > 0, key
@@ -80,8 +80,10 @@ def test_json_line_has_every_field_and_is_the_last_line(record, capsys):
     assert parsed["device_count"] == jax.device_count() == 8
     assert (parsed["batch_size"], parsed["image_size"]) == (8, 8)
     assert parsed["jax_version"] == jax.__version__
-    assert parsed["ddpm_sample_steps"] == parsed["ddim_sample_steps"] == SAMPLING_TIMESTEPS
-    assert parsed["ddpm_sample_config_steps"] == 20  # the tiny config's T
+    for sampler in ("ddpm", "ddim", "dpm_solver++"):
+        assert parsed[f"{sampler}_sample_steps"] == SAMPLING_TIMESTEPS
+        assert parsed[f"{sampler}_sample_config_steps"] == 5  # the tiny config's num_steps
+    assert parsed["heun_sample_steps"] == SAMPLING_TIMESTEPS - 1  # 2 per step, 1 for the last
     assert len(parsed["train_repeat_s"]) == parsed["repeats"] == 2
 
 

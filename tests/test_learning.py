@@ -21,7 +21,7 @@ def patterns() -> np.ndarray:
     shapes = [(yy >= 2) & (yy < 6) & (xx >= 2) & (xx < 6), (yy >= 3) & (yy < 5),
               np.abs(yy - xx) < 2, (xx >= 3) & (xx < 5)]
     out = np.zeros((4, 8, 8, 3), np.uint8)
-    for img, (background, foreground), shape in zip(out, COLOURS, shapes):
+    for img, (background, foreground), shape in zip(out, COLOURS, shapes, strict=True):
         img[:] = background
         img[shape] = foreground
     return out
