@@ -145,7 +145,7 @@ class Checkpointer:
             check_compatible(meta["state"]["params"], train_target["params"], "params",
                              self.directory)
             if self.config is not None:
-                self.check_norm_groups(step, self.config.model)
+                self.check_same_function(step, self.config)
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -161,9 +161,9 @@ class Checkpointer:
         return state
 
     def restore_ema_params(self, abstract_ema, step: int = -1,
-                           model_config=None) -> tuple[int, Any]:
+                           config=None) -> tuple[int, Any]:
         """(step, EMA params) of checkpoint `step` (-1: the newest readable), on any devices;
-        with `model_config`, the checkpoint must have been trained with its GroupNorm groups."""
+        with `config`, the checkpoint must compute what that config means (check_same_function)."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}: train first, or check "
@@ -177,8 +177,8 @@ class Checkpointer:
         def restore_one(s):
             meta = self.manager.item_metadata(s)
             check_compatible(meta["ema_params"], abstract_ema, "params", self.directory)
-            if model_config is not None:
-                self.check_norm_groups(s, model_config)
+            if config is not None:
+                self.check_same_function(s, config)
             args = ocp.args.Composite(ema_params=ocp.args.StandardRestore(abstract_ema))
             return self.manager.restore(s, args=args)["ema_params"]
 
@@ -187,22 +187,27 @@ class Checkpointer:
             raise CheckpointError(f"no readable checkpoint in {self.directory}")
         return found, ema
 
-    def check_norm_groups(self, step: int, model_config) -> None:
-        """Raise CheckpointError if checkpoint `step` was trained with other GroupNorm groups.
-
-        The group count changes the network's function but no parameter's shape, so
-        `check_compatible` cannot see it: params trained with 32 groups load silently into a
-        network with 8 and draw noise.
-        """
-        saved_model = self.saved_config(step).get("model", {})
-        saved, wanted = unet.norm_groups(saved_model), unet.norm_groups(model_config)
-        if saved != wanted:
+    def check_same_function(self, step: int, config) -> None:
+        """Raise CheckpointError if checkpoint `step` was trained with settings that change what
+        its parameters compute but no parameter's shape, which `check_compatible` cannot see:
+        GroupNorm's groups, the prediction target, the noise schedule. Such params would load
+        silently and draw noise (e.g. an eps-prediction quickstart under today's v config)."""
+        saved = self.saved_config(step)
+        saved_model = saved.get("model", {})
+        was, now = unet.norm_groups(saved_model), unet.norm_groups(config.model)
+        if was != now:
             how = ("model.norm_groups absent: saved before the field existed"
                    if "norm_groups" not in saved_model
                    else f"model.norm_groups={saved_model['norm_groups']}")
             raise CheckpointError(
-                f"{self.directory}/{step}: trained with {saved} GroupNorm groups ({how}) but this "
-                f"config gives {wanted}; add --config.model.norm_groups={saved}")
+                f"{self.directory}/{step}: trained with {was} GroupNorm groups ({how}) but this "
+                f"config gives {now}; add --config.model.norm_groups={was}")
+        for key in ("prediction", "beta_schedule", "num_timesteps"):
+            was, now = saved.get("diffusion", {}).get(key), config.diffusion[key]
+            if was is not None and was != now:
+                raise CheckpointError(
+                    f"{self.directory}/{step}: trained with diffusion.{key}={was!r} but this "
+                    f"config has {now!r}; add --config.diffusion.{key}={was}")
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

@@ -144,7 +144,7 @@ class Sampler:
         model = unet.from_config(config)
         abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
-        step, params = ckpt.restore_ema_params(abstract, step, config.model)
+        step, params = ckpt.restore_ema_params(abstract, step, config)
         ckpt.close()
         return cls(config, model, params, step, mesh)
 

@@ -169,6 +169,8 @@ def test_sample_on_one_device_from_an_eight_device_checkpoint(trained, tmp_path)
     # The group count changes no parameter's shape: without its own check the params would load.
     ("--config.model.norm_groups=32", ("trained with 8 GroupNorm groups (model.norm_groups=0) but "
                                        "this config gives 32; add --config.model.norm_groups=8",)),
+    ("--config.diffusion.prediction=v", ("trained with diffusion.prediction='eps' but this config "
+                                         "has 'v'; add --config.diffusion.prediction=eps",)),
 ])
 def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path, flag, messages):
     result = subprocess.run(main_cmd(tiny_config(), trained[0], "--mode=sample", flag),
