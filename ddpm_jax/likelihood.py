@@ -70,7 +70,7 @@ def bits_per_dim(bpd_fn: Callable, params, images: np.ndarray, rng: jax.Array, m
     (a multiple of the mesh size; the last batch is zero-padded, so the call compiles once)."""
     n = len(images)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("total", *PARTS)}
-    shown = progress_lib.ImageProgress(n, desc="nll") if progress else None
+    shown = progress_lib.ImageProgress(n, desc="nll", verb="NLL of") if progress else None
     for first in range(0, n, batch_size):
         batch = images[first:first + batch_size]
         count = len(batch)
