@@ -94,4 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.every_steps = 0  # in-loop FID every N steps (0 = off); not comparable with paper numbers
     ev.in_loop_num_samples = 1000  # samples for in-loop FID
     ev.keep_best = False  # also keep the checkpoint with the best in-loop FID
+    ev.is_splits = 10  # Inception Score splits of eval.num_samples (torch-fidelity's 10)
+    ev.nll_num_examples = 0  # NLL (bits/dim) on this many held-out images; 0 = off, -1 = all
+    ev.nll_split = "test"  # tfds split for the NLL (folder/embedded: data.num_eval_examples)
     return config

@@ -1,8 +1,11 @@
-"""FID/KID of a trained model: `--mode=eval`, small-sample FID during training, best checkpoint.
+"""FID, KID, IS and NLL of a model: `--mode=eval`, in-loop FID during training, best checkpoint.
 
 * `evaluate(config, workdir)` (`python -m ddpm_jax.main --mode=eval`): `eval.num_samples` EMA
-  samples of one checkpoint against reference statistics of the unaugmented training data, written
-  to `WORKDIR/eval/step_<N>.json` and to TensorBoard as `eval/fid` and `eval/kid`.
+  samples of one checkpoint against reference statistics of the unaugmented training data (FID,
+  KID) and their Inception Score (torch-fidelity's: 1008 logits without the fc bias,
+  `eval.is_splits` splits), and with `eval.nll_num_examples` the variational bound in bits/dim on
+  held-out images (likelihood.py); written to `WORKDIR/eval/step_<N>.json` and to TensorBoard as
+  `eval/fid`, `eval/kid`, `eval/is` and `eval/nll_bpd` (with its parts `eval/nll_*_bpd`).
 * `make_in_loop_evaluator(...)`: the same pipeline on `eval.in_loop_num_samples` samples every
   `eval.every_steps` training steps. Its `fid_in_loop` / `kid_in_loop` track progress within one
   run; they are biased upwards by the small sample and NOT comparable with 50k-sample paper FIDs.
@@ -48,6 +51,7 @@ from ddpm_jax import (
     fid,
     inception,
     input_pipeline,
+    likelihood,
     sampling,
     sharding,
     solvers,
@@ -80,6 +84,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         "reference_num_examples": 0,
         "every_steps": 0,
         "in_loop_num_samples": 2,
+        "is_splits": 1,
+        "nll_num_examples": -1,  # -1: all, 0: no NLL
     }
     for key, minimum in minimums.items():
         value = ev[key]
@@ -87,6 +93,9 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
             raise validate.ConfigError(f"eval.{key}={value!r}: expected an integer >= {minimum}")
     if ev.reference_num_examples == 1:
         raise validate.ConfigError("eval.reference_num_examples=1: use 0 (all) or at least 2")
+    if ev.num_samples < ev.is_splits:
+        raise validate.ConfigError(f"eval.num_samples={ev.num_samples} is fewer than "
+                                   f"eval.is_splits={ev.is_splits} (the IS splits the samples)")
     validate.check_sampling(config)
 
 
@@ -249,8 +258,9 @@ def reference(
 
 
 def _inception_apply_fn() -> Callable:
-    """The jitted FID Inception (299 px). Tests swap in a smaller input size here."""
-    return inception.make_apply_fn()
+    """The jitted FID Inception (299 px) -> (features, logits). Tests swap in a smaller input size
+    here."""
+    return inception.make_apply_fn(inception.FIDInceptionV3(with_logits=True))
 
 
 def _local_mesh() -> Mesh:
@@ -309,12 +319,15 @@ def sample_stats(
     inception_params: inception.Variables,
     apply_fn: Callable,
     progress: bool = False,
+    keep_logits: bool = False,
 ) -> fid.FeatureStats:
-    """Inception statistics of `num_samples` fresh samples, streamed chunk by chunk."""
+    """Inception statistics of `num_samples` fresh samples, streamed chunk by chunk (and their
+    logits, for the IS, with `keep_logits`)."""
     batches = _sample_batches(draw, params, jax.random.key(config.seed), num_samples, chunk,
                               config.eval.batch_size, progress)
     return fid.extract_features(inception_params, batches, apply_fn,
-                                max_kept=config.eval.max_kid_features, mesh=_local_mesh())
+                                max_kept=config.eval.max_kid_features, mesh=_local_mesh(),
+                                keep_logits=keep_logits)
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
@@ -336,11 +349,12 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """FID and KID of checkpoint `sampling.checkpoint_step` (-1: latest) in `workdir`.
+    """FID, KID, IS (and NLL) of checkpoint `sampling.checkpoint_step` (-1: latest) in `workdir`.
 
-    Writes WORKDIR/eval/step_<N>.json and TensorBoard scalars eval/fid, eval/kid at step N, and
-    returns the record written. Raises fid.WeightsUnavailableError before touching the
-    checkpoint when the Inception weights are missing and cannot be downloaded.
+    Writes WORKDIR/eval/step_<N>.json and TensorBoard scalars eval/fid, eval/kid, eval/is (and
+    eval/nll_*) at step N, and returns the record written. Raises fid.WeightsUnavailableError
+    before touching the checkpoint when the Inception weights are missing and cannot be
+    downloaded; unusable NLL data fails before any image is sampled.
     """
     from clu import metric_writers  # imports TensorFlow: keep it off import time
 
@@ -353,19 +367,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sampler = sampling.Sampler.from_workdir(workdir, config, config.sampling.checkpoint_step)
     logging.info("Evaluating checkpoint step %d of %s with %d samples.", sampler.step, workdir,
                  ev.num_samples)
+    nll_images = likelihood.nll_images(config) if ev.nll_num_examples else None
     ref, key = reference(config, inception_params, apply_fn, _local_mesh())
 
     draw = _make_draw(config, sampler.model, sampler.mesh,
                       input_pipeline.image_shape(config.data))
     chunk = sample_chunk_size(config, sampler.mesh)
     stats = sample_stats(config, draw, sampler.params, ev.num_samples, chunk, inception_params,
-                         apply_fn, progress=True)
+                         apply_fn, progress=True, keep_logits=True)
     metrics = fid.fid_kid(stats, ref, ev.kid_subsets, ev.kid_subset_size)
+    is_mean, is_std = fid.inception_score(stats.logits(), ev.is_splits)
 
     record = {
         "fid": metrics["fid"],
         "kid_mean": metrics["kid_mean"],
         "kid_std": metrics["kid_std"],
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "is_splits": ev.is_splits,
         "num_samples": ev.num_samples,
         "checkpoint_step": sampler.step,
         "sampling": sampler_settings(config),
@@ -378,17 +397,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "kid_features": [len(stats.kept_features()), len(ref[2])],
         "inception_weights": os.path.abspath(weights),
         "features_version": fid.FEATURES_VERSION,
-        "wall_s": round(time.time() - t0, 1),
     }
+    if nll_images is not None:
+        record.update(likelihood.evaluate_nll(config, sampler.model, sampler.params, sampler.mesh,
+                                              nll_images))
+        record.update(nll_split=config.eval.nll_split if config.data.source == "tfds"
+                      else "held_out", nll_variance=config.sampling.variance,
+                      nll_clip_x0=bool(config.sampling.clip_x0))
+    record["wall_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, "eval", f"step_{sampler.step}.json")
     if jax.process_index() == 0:
         _write_json(path, record)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    writer.write_scalars(sampler.step, {"eval/fid": record["fid"], "eval/kid": record["kid_mean"]})
+    scalars = {"eval/fid": record["fid"], "eval/kid": record["kid_mean"], "eval/is": is_mean}
+    scalars.update({f"eval/{k}": v for k, v in record.items()
+                    if k.startswith("nll_") and k.endswith("_bpd")})
+    writer.write_scalars(sampler.step, scalars)
     writer.close()
-    logging.info("Step %d: FID %.4f, KID %.6f +- %.6f (%d samples, %s); wrote %s", sampler.step,
-                 record["fid"], record["kid_mean"], record["kid_std"], ev.num_samples,
-                 config.sampling.sampler, path)
+    nll = (f"; NLL {record['nll_bpd']:.4f} bits/dim on {record['nll_num_examples']} images"
+           if nll_images is not None else "")
+    logging.info("Step %d: FID %.4f, KID %.6f +- %.6f, IS %.3f +- %.3f (%d samples, %s)%s; "
+                 "wrote %s", sampler.step, record["fid"], record["kid_mean"], record["kid_std"],
+                 is_mean, is_std, ev.num_samples, config.sampling.sampler, nll, path)
     return record
 
 

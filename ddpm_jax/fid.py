@@ -1,10 +1,13 @@
-"""FID and KID on InceptionV3 pool3 features: statistics, distances, weights and caching.
+"""FID, KID and Inception Score of the FID InceptionV3: statistics, distances, weights, caching.
 
 * `frechet_distance` is pytorch-fid's `calculate_frechet_distance` (float64, scipy sqrtm, eps
   offset when the covariance product is singular, imaginary-part check).
 * `kernel_inception_distance` is the unbiased MMD^2 with the cubic polynomial kernel
   k(x, y) = (x.y / d + 1)^3 averaged over random subsets, as in torch-fidelity / clean-fid
   (100 subsets of 1000 by default); returns (mean, std) like torch-fidelity (std with ddof=0).
+* `inception_score` is torch-fidelity's `isc_features_to_metric` on the network's 1008 logits
+  without the classifier bias ('logits_unbiased'): rows shuffled with RandomState(2020), 10
+  contiguous splits, exp(mean KL(p(y|x) || p(y))) per split in float64; (mean, std with ddof=0).
 * `FeatureStats` accumulates mean/covariance in float64 from a stream of batches and keeps a
   bounded uniform random sample of the raw features for KID.
 * `inception_weights_path` finds (or downloads once and converts) the pytorch-fid weights.
@@ -25,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import scipy.linalg
+import scipy.special
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -127,6 +131,32 @@ def kernel_inception_distance(
     return float(mmds.mean()), float(mmds.std())
 
 
+def inception_score(
+    logits: np.ndarray, splits: int = 10, shuffle: bool = True, seed: int = 2020
+) -> tuple[float, float]:
+    """Inception Score (mean, std over `splits`) of [N, C] class logits, torch-fidelity's way.
+
+    torch-fidelity shuffles before splitting (np.random.RandomState(seed).permutation), so its
+    per-split scores do not depend on the order the samples were drawn in; split i takes rows
+    i N // splits to (i + 1) N // splits. Float64 throughout, as theirs.
+    """
+    x = np.asarray(logits, np.float64)
+    n = len(x)
+    if x.ndim != 2 or n < splits:
+        raise ValueError(f"inception_score: need [N >= splits={splits}, C] logits, got {x.shape}")
+    if shuffle:
+        x = x[np.random.RandomState(seed).permutation(n)]
+    log_p = x - scipy.special.logsumexp(x, axis=1, keepdims=True)
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        rows = slice(i * n // splits, (i + 1) * n // splits)
+        log_q = np.log(p[rows].mean(axis=0, keepdims=True))  # the split's marginal p(y)
+        kl = (p[rows] * (log_p[rows] - log_q)).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
@@ -143,11 +173,15 @@ class FeatureStats:
     Keeps (count, sum, sum of outer products) of features minus a fixed shift (the first batch's
     mean): shifting is exact algebraically and avoids the cancellation in E[xx^T] - mu mu^T when
     features sit far from zero. Memory is O(D^2) however many features stream through. The KID
-    sample is reservoir sampling (Algorithm R), so it is uniform over everything seen.
+    sample is reservoir sampling (Algorithm R), so it is uniform over everything seen. With
+    `keep_logits`, every row's class logits are kept too, in order (the Inception Score needs
+    them all: 50k x 1008 float32 is 200 MB).
     """
 
-    def __init__(self, dim: int = inception.FEATURE_DIM, max_kept: int = 0, seed: int = 0):
+    def __init__(self, dim: int = inception.FEATURE_DIM, max_kept: int = 0, seed: int = 0,
+                 keep_logits: bool = False):
         self.dim = dim
+        self._logits: list[np.ndarray] | None = [] if keep_logits else None
         self.max_kept = max_kept
         self.count = 0
         self._shift: np.ndarray | None = None
@@ -156,8 +190,12 @@ class FeatureStats:
         self._kept = np.zeros((max_kept, dim), np.float32)
         self._rng = np.random.default_rng(seed)
 
-    def update(self, features: np.ndarray) -> None:
-        """Add a [B, D] batch."""
+    def update(self, features: np.ndarray, logits: np.ndarray | None = None) -> None:
+        """Add a [B, D] batch (and its [B, C] logits, kept if `keep_logits`)."""
+        if self._logits is not None:
+            if logits is None:
+                raise ValueError("FeatureStats(keep_logits=True) needs logits with every batch")
+            self._logits.append(np.asarray(logits, np.float32))
         f = np.asarray(features, np.float64).reshape(-1, self.dim)
         if self._shift is None and len(f):
             self._shift = f.mean(axis=0)
@@ -187,6 +225,12 @@ class FeatureStats:
         cov = (self._outer - self.count * np.outer(mean_c, mean_c)) / (self.count - 1)
         return mean_c + self._shift, (cov + cov.T) / 2.0
 
+    def logits(self) -> np.ndarray:
+        """[count, C] float32 logits of every row, in order (needs `keep_logits`)."""
+        if self._logits is None:
+            raise ValueError("these statistics were collected without keep_logits")
+        return np.concatenate(self._logits) if self._logits else np.zeros((0, 0), np.float32)
+
     def kept_features(self) -> np.ndarray:
         """The uniform random sample of raw features (at most `max_kept` rows), float32."""
         return self._kept[: min(self.count, self.max_kept)].copy()
@@ -204,17 +248,24 @@ def extract_features(
     max_kept: int = KID_REFERENCE_FEATURES,
     seed: int = 0,
     mesh: Mesh | None = None,
+    keep_logits: bool = False,
 ) -> FeatureStats:
     """Run the jitted Inception over batches of [B, H, W, 3] uint8 images into a FeatureStats.
     Greyscale batches [B, H, W, 1] go in as RGB with three equal channels (as pytorch-fid's
-    `convert('RGB')` does).
+    `convert('RGB')` does). `apply_fn` returns features, or (features, logits) as
+    FIDInceptionV3(with_logits=True) does; `keep_logits` keeps the logits (for the IS).
 
     Every batch is zero-padded to the size of the first one (rounded up to a multiple of the
     mesh size), so the network compiles once; padded rows are dropped. With `mesh`, batches are
     split over its first axis and `params` replicated.
     """
     apply_fn = inception.make_apply_fn() if apply_fn is None else apply_fn
-    stats = FeatureStats(max_kept=max_kept, seed=seed)
+    stats = FeatureStats(max_kept=max_kept, seed=seed, keep_logits=keep_logits)
+
+    def add(outputs, n: int) -> None:
+        features, logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+        logits = None if logits is None or not keep_logits else np.asarray(logits)[:n]
+        stats.update(np.asarray(features)[:n], logits)
     batch_sharding = None
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
@@ -236,10 +287,10 @@ def extract_features(
         # Fetch the previous batch (a host sync) only now, so the device keeps running while the
         # host accumulates float64 statistics.
         if pending is not None:
-            stats.update(np.asarray(pending[0])[: pending[1]])
+            add(*pending)
         pending = (features, n)
     if pending is not None:
-        stats.update(np.asarray(pending[0])[: pending[1]])
+        add(*pending)
     return stats
 
 

@@ -10,6 +10,8 @@ torchvision's InceptionV3 layout and pytorch-fid's TF-compatibility patches:
 * Mixed_7c (FIDInceptionE_2) pools its branch_pool with a 3x3 *max* pool, not an average pool.
 * Input: `F.interpolate(x, (299, 299), mode="bilinear", align_corners=False)` on x in [0, 1],
   then `2 * x - 1`. Features: the 2048-d global average pool after Mixed_7c ("pool3").
+* Logits (`with_logits=True`, for the Inception Score): pool3 times the 1008-way classifier's
+  weight without its bias, torch-fidelity's 'logits_unbiased' (its IS feature).
 
 Resize note: `jax.image.resize(..., "bilinear", antialias=False)` samples at half-pixel centres
 and renormalises the edge taps, which is exactly PyTorch's `align_corners=False` rule (source
@@ -28,7 +30,8 @@ Parameter-name mapping rule (pytorch-fid state_dict key -> Flax variables), see
     <path>.bn.running_mean -> variables["batch_stats"][...path...]["bn"]["mean"]
     <path>.bn.running_var  -> variables["batch_stats"][...path...]["bn"]["var"]
     *.num_batches_tracked  -> dropped (training counter)
-    fc.weight, fc.bias     -> not used (1008-way logits; FID needs pool3 only)
+    fc.weight              -> variables["params"]["fc"]["kernel"]  ([out, in] -> [in, out])
+    fc.bias                -> not used (torch-fidelity's IS takes the logits without it)
 
 The OIHW -> HWIO (and Linear [out, in] -> [in, out]) transposes happen once, in
 `ddpm_jax.convert_inception`, so the .npz holds Flax layouts under the original torch key names.
@@ -47,6 +50,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 FEATURE_DIM = 2048
+NUM_LOGITS = 1008  # the 2015 graph's classifier: 1000 ImageNet classes and 8 unused ones
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 # Written by convert_inception into every .npz; load_params refuses files without it so a raw
@@ -216,7 +220,8 @@ def preprocess(images_BHWC: jax.Array, resize: bool = True) -> jax.Array:
 
 
 class FIDInceptionV3(nn.Module):
-    """[N, H, W, 3] images (uint8 or float in [0, 255]) -> [N, 2048] float32 pool3 features.
+    """[N, H, W, 3] images (uint8 or float in [0, 255]) -> [N, 2048] float32 pool3 features, or
+    with `with_logits` (features, [N, 1008] logits without the classifier's bias).
 
     `resize_input=False` skips the resize (the network itself accepts any size >= 75 px); it
     exists for cheap tests and must stay True for FID. `precision` defaults to HIGHEST so GPUs and
@@ -224,6 +229,7 @@ class FIDInceptionV3(nn.Module):
     """
 
     resize_input: bool = True
+    with_logits: bool = False
     precision: Any = jax.lax.Precision.HIGHEST
 
     @nn.compact
@@ -249,7 +255,10 @@ class FIDInceptionV3(nn.Module):
         x = InceptionD(**blk, name="Mixed_7a")(x)
         x = FIDInceptionE(use_max_pool=False, **blk, name="Mixed_7b")(x)
         x = FIDInceptionE(use_max_pool=True, **blk, name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        pool = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        # Always built, so the variables are the same either way; unused, XLA drops the matmul.
+        logits = nn.Dense(NUM_LOGITS, use_bias=False, precision=self.precision, name="fc")(pool)
+        return (pool, logits) if self.with_logits else pool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +278,10 @@ def flax_path_for_torch_key(key: str) -> tuple[str, ...] | None:
     """Map a pytorch-fid state_dict key to (collection, *module path, leaf); None if unused.
 
     e.g. "Mixed_6e.branch7x7_2.conv.weight" -> ("params", "Mixed_6e", "branch7x7_2", "conv",
-    "kernel"). Keys for the classifier (`fc.*`) and BN step counters map to None.
+    "kernel"). The classifier's bias and BN step counters map to None.
     """
+    if key == "fc.weight":
+        return ("params", "fc", "kernel")
     parts = key.split(".")
     if len(parts) < 3 or parts[0] == "fc":
         return None
@@ -283,6 +294,8 @@ def flax_path_for_torch_key(key: str) -> tuple[str, ...] | None:
 
 def torch_key_for_flax_path(path: tuple[str, ...]) -> str:
     """Inverse of `flax_path_for_torch_key` (path includes the collection name)."""
+    if tuple(path) == ("params", "fc", "kernel"):
+        return "fc.weight"
     inverse = {v: k for k, v in _LEAF_MAP.items()}
     collection, *modules, layer, leaf = path
     torch_layer, torch_leaf = inverse[(collection, leaf)]

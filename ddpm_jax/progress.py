@@ -77,8 +77,8 @@ class TrainingProgress:
 class ImageProgress:
     """Images drawn so far: a bar on a terminal, else one log line per update."""
 
-    def __init__(self, total: int, desc: str = "sample"):
-        self.total, self._t0 = total, time.time()
+    def __init__(self, total: int, desc: str = "sample", verb: str = "Sampled"):
+        self.total, self.verb, self._t0 = total, verb, time.time()
         self._bar = _Bar(total=total, unit="img", desc=desc) if on_terminal() else None
 
     def update(self, done: int) -> None:
@@ -86,8 +86,8 @@ class ImageProgress:
             self._bar.bar.update(done - self._bar.bar.n)
             return
         rate = done / max(time.time() - self._t0, 1e-9)
-        logging.info("Sampled %d/%d images (%.1f img/s, ETA %.0f s).", done, self.total, rate,
-                     (self.total - done) / rate)
+        logging.info("%s %d/%d images (%.1f img/s, ETA %.0f s).", self.verb, done, self.total,
+                     rate, (self.total - done) / rate)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -133,3 +133,85 @@ def test_float32_schedule_matches_float64():
 def test_bad_names_are_rejected():
     with pytest.raises(ValueError, match="beta_schedule='quadratic'"):
         diffusion.beta_schedule("quadratic", 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The variational bound (bits/dim)
+
+
+def test_normal_kl_matches_the_integral():
+    import scipy.integrate
+    import scipy.stats
+
+    for m1, v1, m2, v2 in [(0.3, 0.5, -0.2, 1.7), (1.0, 2.0, 1.0, 2.0), (-2.0, 0.01, 0.5, 0.3)]:
+        p, q = scipy.stats.norm(m1, math.sqrt(v1)), scipy.stats.norm(m2, math.sqrt(v2))
+        want, _ = scipy.integrate.quad(lambda x, p=p, q=q: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)),
+                                       m1 - 20 * math.sqrt(v1), m1 + 20 * math.sqrt(v1),
+                                       epsabs=1e-13, epsrel=1e-12)
+        got = float(diffusion.normal_kl(m1, math.log(v1), m2, math.log(v2)))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-13)
+
+
+def test_approx_cdf_is_within_2e4_of_the_normal_cdf():
+    import scipy.special
+
+    x = np.linspace(-8, 8, 20001)
+    err = np.abs(np.asarray(diffusion.approx_standard_normal_cdf(jnp.asarray(x)))
+                 - scipy.special.ndtr(x))
+    assert err.max() < 2e-4
+
+
+def _bins_probability(x, mean, std):
+    """P(bin of x) under N(mean, std^2) with DDPM's CDF, written out: [x - 1/255, x + 1/255],
+    the end bins open to -inf and +inf."""
+    def cdf(z):
+        return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3)))
+    upper = np.where(x > 0.999, 1.0, cdf((x + 1 / 255 - mean) / std))
+    lower = np.where(x < -0.999, 0.0, cdf((x - 1 / 255 - mean) / std))
+    return upper - lower
+
+
+def test_discretized_gaussian_is_a_distribution_over_the_256_levels():
+    levels = np.arange(256) / 127.5 - 1.0
+    rng = np.random.default_rng(0)
+    means = rng.uniform(-1.2, 1.2, (6, 1))
+    stds = np.exp(rng.uniform(np.log(0.002), np.log(0.5), (6, 1)))
+    log_p = np.asarray(diffusion.discretized_gaussian_log_likelihood(
+        jnp.asarray(np.broadcast_to(levels, (6, 256))), jnp.asarray(means),
+        jnp.asarray(np.log(stds))))
+    want = _bins_probability(levels, means, stds)
+    np.testing.assert_allclose(np.exp(log_p), np.maximum(want, 1e-12), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(np.exp(log_p).sum(axis=1), 1.0, atol=1e-9)  # bins tile the line
+
+
+def test_prior_bpd_is_the_kl_of_q_xT_from_the_standard_normal():
+    s = sched64()
+    abar = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[-1])
+    x0 = np.array([-1.0, 0.0, 0.5, 1.0]).reshape(1, 2, 2, 1)
+    # KL(N(m, v) || N(0, 1)) = (v + m^2 - 1 - log v) / 2 per pixel.
+    m, v = math.sqrt(abar) * x0, 1.0 - abar
+    want = np.mean((v + m**2 - 1.0 - math.log(v)) / 2.0) / math.log(2.0)
+    np.testing.assert_allclose(diffusion.prior_bpd(s, jnp.asarray(x0)), [want], rtol=1e-10)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_vb_terms_of_a_model_that_knows_x0(variance):
+    # With x0_pred = x0 the model's mean is the true posterior mean, so each KL term is the KL of
+    # two zero-mean Gaussians, 0 for fixed_small and (r - 1 - log r) / 2 with r = beta_tilde /
+    # beta for fixed_large; the decoder is N(x0, beta_tilde_1) at t = 0 (both variances).
+    T = 50
+    s = sched64("linear", T)
+    betas = np.linspace(1e-4, 0.02, T) * 1000 / T
+    abar = np.cumprod(1 - betas)
+    beta_tilde = betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])  # t = 1 .. T - 1
+    rng = np.random.default_rng(0)
+    x0 = rng.integers(0, 256, (T, 4, 4, 3)) / 127.5 - 1.0
+    xt = rng.normal(size=x0.shape)  # any x_t: the KL terms do not depend on it
+    t_B = jnp.arange(T)
+    got = np.asarray(diffusion.vb_term_bpd(s, jnp.asarray(x0), jnp.asarray(xt), t_B,
+                                           jnp.asarray(x0), variance))
+    r = beta_tilde / betas[1:]
+    want_kl = np.zeros(T - 1) if variance == "fixed_small" else (r - 1 - np.log(r)) / 2
+    np.testing.assert_allclose(got[1:], want_kl / math.log(2.0), rtol=1e-9, atol=1e-14)
+    p = _bins_probability(x0[0], x0[0], math.sqrt(beta_tilde[0]))
+    np.testing.assert_allclose(got[0], -np.mean(np.log2(p)), rtol=1e-10)

@@ -55,7 +55,7 @@ def test_low_rank_frechet_matches_fid():
 @pytest.fixture(scope="module")
 def small_apply_fn():
     """Inception on images upsampled to 75 px: one jitted function shared by every test."""
-    model = inception.FIDInceptionV3(resize_input=False)
+    model = inception.FIDInceptionV3(resize_input=False, with_logits=True)
 
     def apply(variables, images):
         x = jnp.asarray(images, jnp.float32)
@@ -96,6 +96,14 @@ def fast_fid(monkeypatch, small_apply_fn):
     monkeypatch.setattr(fid, "frechet_distance", low_rank_frechet)
 
 
+def _scalar_tags(path: str) -> set[str]:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(path)
+    acc.Reload()
+    return set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
+
+
 def _count_reference_computations(monkeypatch) -> list[int]:
     calls = []
     compute = evaluate._compute_reference_stats
@@ -113,10 +121,19 @@ def test_evaluate_then_in_loop_and_best(trained, fast_fid, monkeypatch):
     calls = _count_reference_computations(monkeypatch)
     events_before = len(glob.glob(os.path.join(workdir, "events.out.tfevents*")))
 
+    # NLL on images held out at evaluation time (the tiny run trained without holding any out).
+    config.data.num_eval_examples = config.eval.nll_num_examples = 8
     record = evaluate.evaluate(config, workdir)
+    config.data.num_eval_examples = config.eval.nll_num_examples = 0
     with open(os.path.join(workdir, "eval", "step_2.json")) as f:
         assert json.load(f) == record
     assert np.isfinite(record["fid"]) and record["fid"] >= 0
+    # 16 samples in 10 splits; random Inception weights still give varied logits.
+    assert 1.0 < record["is_mean"] < 1008 and record["is_std"] >= 0 and record["is_splits"] == 10
+    assert record["nll_num_examples"] == 8 and record["nll_variance"] == "fixed_large"
+    parts = [record[f"nll_{k}_bpd"] for k in ("prior", "kl", "decoder")]
+    assert all(np.isfinite(parts)) and min(parts) >= 0 and 0 < record["nll_bpd"] < 100
+    assert record["nll_bpd"] == pytest.approx(sum(parts), rel=1e-6)
     assert np.isfinite(record["kid_mean"]) and np.isfinite(record["kid_std"])
     assert record["num_samples"] == 16 and record["checkpoint_step"] == 2
     assert record["sampling"]["sampler"] == "ddpm" and record["kid_features"] == [16, 16]
@@ -124,7 +141,10 @@ def test_evaluate_then_in_loop_and_best(trained, fast_fid, monkeypatch):
     assert record["reference_key"] == key and "embedded" in key and "8px_n16" in key
     assert os.path.isfile(os.path.join(config.eval.cache_dir, "fid_stats", f"{key}.npz"))
     assert calls == [1]
-    assert len(glob.glob(os.path.join(workdir, "events.out.tfevents*"))) == events_before + 1
+    events = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents*")))
+    assert len(events) == events_before + 1
+    assert {"eval/is", "eval/nll_bpd", "eval/nll_prior_bpd", "eval/nll_kl_bpd",
+            "eval/nll_decoder_bpd", "eval/fid"} <= _scalar_tags(events[-1])
 
     # The in-loop evaluator reuses the cached reference and the training-time inputs.
     config.eval.every_steps = 2
@@ -185,7 +205,8 @@ def test_offline_without_weights_fails_before_sampling(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "key, value", [("num_samples", 1), ("batch_size", 0), ("reference_num_examples", 1),
-                   ("kid_subset_size", 1), ("every_steps", -1), ("in_loop_num_samples", 1)]
+                   ("kid_subset_size", 1), ("every_steps", -1), ("in_loop_num_samples", 1),
+                   ("is_splits", 0), ("nll_num_examples", -2), ("num_samples", 9)]
 )
 def test_bad_eval_settings_are_config_errors(key, value):
     config = tiny_config()

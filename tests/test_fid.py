@@ -7,6 +7,7 @@ container formats, and the network runs on NumPy-seeded random weights.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import os
 import pickle
@@ -284,12 +285,15 @@ def test_tf_style_pools_match_numpy():
 
 def test_parameter_names_shapes_and_count_match_reference():
     shapes = inception.variable_shapes()
+    shapes["params"] = dict(shapes["params"])
+    assert shapes["params"].pop("fc")["kernel"].shape == (2048, inception.NUM_LOGITS)
     count = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
     derived = sum(o * i * kh * kw + 2 * o for _, o, i, kh, kw in REFERENCE_CONVS)
     assert len(REFERENCE_CONVS) == 94
     assert count == derived == REFERENCE_PARAM_COUNT
     state = convert_inception.to_flax_layout(reference_state_dict())
     got = inception.variables_from_state_dict(state)
+    got["params"].pop("fc")
     assert jax.tree_util.tree_map(np.shape, got) == jax.tree_util.tree_map(
         lambda s: s.shape, shapes
     )
@@ -297,9 +301,9 @@ def test_parameter_names_shapes_and_count_match_reference():
     k = got["params"]["Mixed_6e"]["branch7x7_2"]["conv"]["kernel"]
     assert k.shape == (1, 7, 192, 192)
     assert got["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"].shape == (192,)
-    assert inception.flax_path_for_torch_key("fc.weight") is None
+    assert inception.flax_path_for_torch_key("fc.bias") is None  # the IS logits are unbiased
     assert inception.flax_path_for_torch_key("Mixed_5b.branch1x1.bn.num_batches_tracked") is None
-    for key in ["Mixed_7b.branch3x3_2a.conv.weight", "Conv2d_1a_3x3.bn.running_var"]:
+    for key in ["Mixed_7b.branch3x3_2a.conv.weight", "Conv2d_1a_3x3.bn.running_var", "fc.weight"]:
         path = inception.flax_path_for_torch_key(key)
         assert inception.torch_key_for_flax_path(path) == key
 
@@ -324,6 +328,66 @@ def test_network_golden_features(variables, apply_fn):
     other = np.stack([images[1], 255 - images[0]])
     again = np.asarray(apply_fn(variables, other))
     np.testing.assert_allclose(again[0], feats[1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with torch-fidelity (tests/fixtures/make_torch_fidelity_fixture.py wrote the fixture)
+
+
+def _fixture_maker():
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "make_torch_fidelity_fixture.py")
+    spec = importlib.util.spec_from_file_location("make_torch_fidelity_fixture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # NumPy only at import: torch is imported in its main()
+    return module
+
+
+def test_network_matches_torch_fidelity_on_fixture():
+    # The same name-seeded random weights in both networks; CIFAR-sized inputs go through our
+    # preprocessing (resize to 299 px) here and pytorch-fid's in the fixture script.
+    maker = _fixture_maker()
+    shapes = {k: np.shape(v) for k, v in reference_state_dict().items()}
+    state = convert_inception.to_flax_layout(maker.random_state_dict(shapes))
+    variables = inception.variables_from_state_dict(state)
+    with np.load(maker.FIXTURE) as f:
+        ref = {k: f[k] for k in f.files}
+    model = inception.FIDInceptionV3(with_logits=True)
+    features, logits = jax.jit(model.apply)(variables, ref["images"])
+    for got, want in [(features, ref["features"]), (logits, ref["logits_unbiased"])]:
+        rel = np.abs(np.float64(got) - want).max() / np.abs(want).max()
+        assert rel < 1e-5, rel  # measured 3.6e-7 (features), 7.0e-7 (logits)
+    # 'logits_unbiased' leaves out fc.bias (non-zero in these weights).
+    np.testing.assert_allclose(logits, np.float64(features) @ state["fc.weight"], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_inception_score_matches_torch_fidelity_on_fixture():
+    with np.load(_fixture_maker().FIXTURE) as f:
+        mean, std = fid.inception_score(f["isc_logits"])
+        assert mean == pytest.approx(float(f["isc_mean"]), rel=1e-12)
+        assert std == pytest.approx(float(f["isc_std"]), rel=1e-10)
+
+
+def test_inception_score_of_certain_predictions_is_exp_entropy_of_each_split():
+    # With one-hot p(y|x), KL(p(y|x) || p(y)) = -log p(y = class of x), so a split's score is
+    # exp(H(class histogram of the split)): C classes equally often in every split give C.
+    n, num_classes, splits = 57, 5, 4
+    labels = np.random.default_rng(0).integers(0, num_classes, n)
+    logits = np.where(np.arange(num_classes) == labels[:, None], 60.0, 0.0)
+    shuffled = labels[np.random.RandomState(2020).permutation(n)]
+    want = []
+    for i in range(splits):
+        freq = np.bincount(shuffled[i * n // splits:(i + 1) * n // splits], minlength=num_classes)
+        q = freq[freq > 0] / freq.sum()
+        want.append(np.exp(-(q * np.log(q)).sum()))
+    mean, std = fid.inception_score(logits, splits=splits)
+    assert mean == pytest.approx(np.mean(want), rel=1e-12)
+    assert std == pytest.approx(np.std(want), rel=1e-9)
+    # Identical predictions carry no information: IS = 1 whatever they are.
+    same = np.tile(np.random.default_rng(1).normal(size=7), (30, 1))
+    assert fid.inception_score(same) == pytest.approx((1.0, 0.0), abs=1e-12)
+    with pytest.raises(ValueError, match="splits=10"):
+        fid.inception_score(logits[:9])
 
 
 GOLDEN_SUM = 26788.35
@@ -517,7 +581,7 @@ def test_convert_full_network_then_load_params(tmp_path, monkeypatch):
     convert_inception.convert(str(src), str(dst))
     loaded = inception.load_params(str(dst))
     leaves = jax.tree_util.tree_leaves(loaded)
-    assert len(leaves) == 94 * 5 and all(float(x.ravel()[0]) == 0.5 for x in leaves)
+    assert len(leaves) == 94 * 5 + 1 and all(float(x.ravel()[0]) == 0.5 for x in leaves)
     np.savez(tmp_path / "raw.npz", a=np.zeros(1))
     with pytest.raises(ValueError, match="convert_inception"):
         inception.load_params(str(tmp_path / "raw.npz"))
