@@ -481,6 +481,13 @@ def read_source(source: str, image_size: int | None = None) -> Imported:
     else:
         raise WeightsImportError(f"{path}: not a diffusers folder, a TF checkpoint or a torch "
                                  "state_dict")
+    if "cifar10" in source.lower() and imported.data["image_size"] == 32:
+        # --mode=eval's reference statistics: CIFAR-10's training set, as configs/cifar10.py.
+        imported.data.update(source="tfds", name="cifar10")
+        imported.notes.append("data: CIFAR-10 through tfds (the source's name says cifar10)")
+    else:
+        imported.notes.append("data: for --mode=eval's reference statistics, add the dataset "
+                              "with --config.data.source=... (and .name or .path)")
     if "ddpm-cifar10-32" in source:
         imported.notes.append(NON_EMA_NOTE)
     return imported
@@ -493,7 +500,15 @@ def _download(repo_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id, allow_patterns=[*HUB_FILES, "unet/*", "scheduler/*"])
+        # The flat layout (google/ddpm-*) or a pipeline's unet/ and scheduler/; only the
+        # safetensors weights, unless the repository has none (then the older .bin).
+        files = [*HUB_FILES, *(f"unet/{f}" for f in HUB_FILES[:2]),
+                 "scheduler/scheduler_config.json"]
+        path = snapshot_download(repo_id, allow_patterns=files)
+        if not any(os.path.exists(os.path.join(path, d, HUB_FILES[1])) for d in ("", "unet")):
+            bins = ["diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.bin"]
+            path = snapshot_download(repo_id, allow_patterns=files + bins)
+        return path
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, HTTP errors: all say the same
         urls = ", ".join(f"https://huggingface.co/{repo_id}/resolve/main/{f}" for f in HUB_FILES)
         raise WeightsImportError(

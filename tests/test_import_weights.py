@@ -33,8 +33,8 @@ def run_unet(imported, x_NCHW, t):
     config = import_weights.make_config(imported)
     config.model.attention_impl = "xla"
     model = unet.from_config(config)
-    out = model.apply({"params": imported.params}, jnp.asarray(x_NCHW.transpose(0, 2, 3, 1)),
-                      jnp.asarray(t))
+    out = jax.jit(model.apply)({"params": imported.params},
+                               jnp.asarray(x_NCHW.transpose(0, 2, 3, 1)), jnp.asarray(t))
     return np.asarray(out).transpose(0, 3, 1, 2)
 
 
