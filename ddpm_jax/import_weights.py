@@ -510,10 +510,12 @@ def _download(repo_id: str) -> str:
             path = snapshot_download(repo_id, allow_patterns=files + bins)
         return path
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, HTTP errors: all say the same
-        urls = ", ".join(f"https://huggingface.co/{repo_id}/resolve/main/{f}" for f in HUB_FILES)
+        urls = " ".join(f"https://huggingface.co/{repo_id}/resolve/main/{f}" for f in HUB_FILES)
+        folder = repo_id.split("/")[1]
         raise WeightsImportError(
-            f"cannot download {repo_id} from the Hugging Face Hub ({type(e).__name__}); fetch "
-            f"{urls} into one folder and pass that folder as SOURCE") from None
+            f"cannot download {repo_id} from the Hugging Face Hub ({type(e).__name__}): fetch "
+            f"{urls} into a folder {folder}/ and pass the folder as SOURCE instead: python -m "
+            f"ddpm_jax.import_weights {folder} --workdir ...") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,25 @@ def test_unrepresentable_layouts_are_refused_in_one_line(tmp_path, capsys, field
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("field,value", [
+    ("variance_type", "learned_range"),
+    ("beta_schedule", "scaled_linear"),
+    ("beta_end", 0.012),
+    ("thresholding", True),
+    ("prediction_type", "flow"),
+])
+def test_unsupported_schedulers_are_refused(tmp_path, field, value):
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(os.path.join(DIFFUSERS, name), tmp_path)
+    with open(os.path.join(DIFFUSERS, "scheduler_config.json")) as f:
+        sched = json.load(f)
+    sched[field] = value
+    with open(tmp_path / "scheduler_config.json", "w") as f:
+        json.dump(sched, f)
+    with pytest.raises(import_weights.WeightsImportError, match=f"scheduler_config.json: {field}="):
+        import_weights.read_source(str(tmp_path))
+
+
 def test_hub_id_offline_names_the_files_to_fetch(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run([sys.executable, "-m", "ddpm_jax.import_weights",
