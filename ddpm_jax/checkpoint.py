@@ -8,6 +8,7 @@ resume exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -213,6 +214,25 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"
         ]
+
+
+def newest_saved_config(workdir: str) -> dict:
+    """The config saved with the newest readable checkpoint in `workdir`.
+
+    Read from the file orbax's JsonCheckpointHandler writes, not through orbax: main.py reads it
+    while parsing flags, before multi-host initialisation, when nothing may touch the devices.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    steps = [int(d) for d in names if d.isdigit()]
+    for step in sorted(steps, reverse=True):
+        try:
+            with open(os.path.join(directory, str(step), "config", "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue  # damaged or from another layout: the one before, as restoring does
+    raise CheckpointError(f"no checkpoint with a saved config in {directory}: pass --config "
+                          "CONFIG.py, or check --workdir")
 
 
 def _jsonable(value):

@@ -23,11 +23,14 @@ from ml_collections import config_flags  # noqa: E402
 from ddpm_jax import checkpoint, distributed, fid, input_pipeline, train, validate  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file; --mode=sample and --mode=eval "
+                                "default to the config saved in --workdir.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, samples and TensorBoard logs go here "
                     "(default: runs/<config file name without .py>).")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
-flags.mark_flags_as_required(["config"])
+# What --mode=sample and --mode=eval read without --config: the checkpoint's own config.
+WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "from_workdir.py")
 distributed.define_flags()
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
@@ -77,11 +80,40 @@ def default_workdir(config_file: str) -> str:
     return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
 
 
+def with_workdir_config(argv: list[str]) -> list[str]:
+    """`argv`, with `--config=configs/from_workdir.py:DIR` first when it has no --config: the
+    config saved in DIR's newest checkpoint, for --mode=sample and --mode=eval."""
+    if _flag_value(argv, "config") is not None or any(a in ("--help", "-h", "--helpfull")
+                                                       for a in argv):
+        return argv
+    mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
+    if mode not in ("sample", "eval"):
+        raise flags.Error(f"--config is required for --mode={mode} (--mode=sample and eval "
+                          "read the config saved in --workdir)")
+    if not workdir:
+        raise flags.Error(f"--mode={mode} needs --workdir (whose checkpoint's config it reads) "
+                          "or --config")
+    checkpoint.newest_saved_config(workdir)  # no checkpoint: say so in one line, here
+    return [argv[0], f"--config={WORKDIR_CONFIG}:{workdir}", *argv[1:]]
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value given to --name (as --name=V or --name V) in argv, else None."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        match = re.fullmatch(rf"--?{name}(=(.*))?", arg)
+        if match:
+            value = match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv)
+                                                           else "")
+    return value
+
+
 def parse_flags(argv):
     """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
     try:
+        argv = with_workdir_config(argv)
         return FLAGS(argv)
-    except flags.Error as e:
+    except (flags.Error, checkpoint.CheckpointError) as e:
         message = str(e)
     except (AttributeError, KeyError) as e:
         # ml_collections' unknown-key error: the key in quotes, maybe a "Did you mean" hint.

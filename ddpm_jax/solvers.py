@@ -131,15 +131,20 @@ def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
     def step(carry, i_t):
         (x, frames), (i, t) = carry, i_t  # i indexes the respaced chain; the network and the
         x0, _ = predict(model, params, sched, prediction, clip_x0, x, t)  # noise see the real t
-        i_B = jnp.full((x.shape[0],), i, jnp.int32)
-        mean, log_var = diffusion.q_posterior(sub, x0, x, i_B, variance)
-        noise = image_noise(image_keys, t, image_shape)
-        x = mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+        x = ancestral_step(sub, x, x0, i, image_noise(image_keys, t, image_shape), variance)
         return (x, _record(frames, record, t, x0)), None
 
     carry = (x, _frames(record, x))
     (x, frames), _ = jax.lax.scan(step, carry, (jnp.arange(len(ts) - 1, -1, -1), jnp.asarray(ts)))
     return _result(x, frames, record)
+
+
+def ancestral_step(sched: diffusion.Schedule, x, x0, i, noise, variance: str) -> jax.Array:
+    """x at step i - 1 of the chain: the mean of q(x_{i-1} | x_i, x0) at the predicted x0 plus
+    `noise` at the `variance`'s scale, except at i = 0 (DDPM's last step is the mean)."""
+    i_B = jnp.full((x.shape[0],), i, jnp.int32)
+    mean, log_var = diffusion.q_posterior(sched, x0, x, i_B, variance)
+    return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
 
 
 def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
