@@ -203,13 +203,21 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
-def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
-    """The U-Net halves the resolution len(ch_mult) - 1 times; skips must line up exactly."""
+def check_image_size(image_size, ch_mult: Sequence[int]) -> None:
+    """The U-Net halves the resolution len(ch_mult) - 1 times; skips must line up exactly.
+    `image_size` is `data.image_size`: an int (square) or (height, width)."""
     factor = 2 ** (len(ch_mult) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"data.image_size={image_size} is not divisible by 2^(len(model.ch_mult)-1)={factor}"
-        )
+    if isinstance(image_size, int):
+        if image_size % factor:
+            raise ValueError(f"data.image_size={image_size} is not divisible by "
+                             f"2^(len(model.ch_mult)-1)={factor}")
+        return
+    for name, side in zip(("height", "width"), image_size, strict=True):
+        if side % factor:
+            raise ValueError(
+                f"data.image_size={tuple(image_size)}: {name} {side} cannot be halved "
+                f"{len(ch_mult) - 1} times (len(model.ch_mult)-1); it must be divisible by "
+                f"{factor}")
 
 
 # DDPM normalises every layer with 32 groups, which at its width (ch=128) is 4 or more channels

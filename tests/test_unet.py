@@ -149,3 +149,23 @@ def test_dropout_rate_scale_independence_and_sharding():
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_array_equal(
         jax.jit(lambda x: unet.dropout(x, rate, jax.random.key(0)))(sharded), y)
+
+
+def test_non_square_images_use_the_square_network():
+    x, t = jax.random.normal(jax.random.key(1), (2, 8, 16, 3)), jnp.array([1, 5])
+    model = small()
+    params = model.init(jax.random.key(0), x, t)["params"]
+    square = model.init(jax.random.key(0), x[:, :, :8], t)["params"]
+    # Parameters do not depend on the resolution: a non-square model is the same network.
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, square)
+    out = model.apply({"params": params}, x, t)
+    assert out.shape == (2, 8, 16, 3) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("size, name, side", [((36, 64), "height", 36), ((32, 20), "width", 20)])
+def test_image_size_check_names_the_side_that_cannot_be_halved(size, name, side):
+    unet.check_image_size((32, 64), (1, 2, 2, 2))
+    with pytest.raises(ValueError, match=rf"^data\.image_size=\({size[0]}, {size[1]}\): {name} "
+                                         rf"{side} cannot be halved 3 times \(len\(model\.ch_mult\)"
+                                         r"-1\); it must be divisible by 8$"):
+        unet.check_image_size(size, (1, 2, 2, 2))
