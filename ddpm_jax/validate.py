@@ -128,6 +128,12 @@ def slow_on_platform(config: ml_collections.ConfigDict, platform: str) -> str | 
         # nothing next to a CPU step.
         return (f"training.steps_per_call={k} on CPU: XLA:CPU runs convolution gradients inside "
                 "the fused lax.scan tens of times slower (jax-ml/jax#12868); use 1 on CPU")
+    accum = config.training.grad_accum_steps
+    if platform == "cpu" and accum > 1:
+        # The same XLA:CPU loop-body slowdown: the micro-batches run in a lax.scan.
+        return (f"training.grad_accum_steps={accum} on CPU: the micro-batches run in a lax.scan, "
+                "where XLA:CPU runs convolution gradients much slower (jax-ml/jax#12868); use it "
+                "on CPU only when memory requires it")
     return None
 
 

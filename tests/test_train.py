@@ -133,6 +133,13 @@ def test_gradient_accumulation_gives_the_same_update(eight_devices):
     assert step4._cache_size() == 1
 
 
+def test_gradient_accumulation_on_cpu_gets_a_warning(config):
+    config.training.grad_accum_steps = 2
+    assert validate.slow_on_platform(config, "cpu").startswith(
+        "training.grad_accum_steps=2 on CPU")
+    assert validate.slow_on_platform(config, "gpu") is None
+
+
 def test_gradient_accumulation_micro_batches_must_split_over_devices():
     config = accum_config(4)
     config.training.batch_size = 16
