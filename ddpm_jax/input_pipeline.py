@@ -105,7 +105,7 @@ def _read_settings(data_config: Any) -> _Settings:
         ("num_workers", 1),
     ):
         value = getattr(s, key)
-        # bool is an int subclass; True as an image size is a config mistake, not 1.
+        # bool is an int subclass; True as a count is a config mistake, not 1.
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise InputError(f"data.{key}={value!r} must be an integer >= {minimum}")
     fraction = s.folder_eval_fraction
@@ -446,7 +446,8 @@ def eval_hold_out(s: Any, num_usable: int) -> int:
     """
     if s.source != "folder":
         return s.num_eval_examples
-    share = int(np.floor(s.folder_eval_fraction * num_usable + 1e-9))  # 0.2 * 40 is 8, not 7
+    # The epsilon: 0.29 * 100 is 28.999999999999996 in floats, and means 29.
+    share = int(np.floor(s.folder_eval_fraction * num_usable + 1e-9))
     return min(s.num_eval_examples, share)
 
 
