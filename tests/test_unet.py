@@ -155,14 +155,15 @@ def test_non_square_images_use_the_square_network():
     x, t = jax.random.normal(jax.random.key(1), (2, 8, 16, 3)), jnp.array([1, 5])
     model = small()
     params = model.init(jax.random.key(0), x, t)["params"]
-    square = model.init(jax.random.key(0), x[:, :, :8], t)["params"]
+    square = jax.eval_shape(model.init, jax.random.key(0), x[:, :, :8], t)["params"]
     # Parameters do not depend on the resolution: a non-square model is the same network.
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, square)
     out = model.apply({"params": params}, x, t)
     assert out.shape == (2, 8, 16, 3) and bool(jnp.all(jnp.isfinite(out)))
     # attn_resolutions=(4,) matches the shorter side: the 4x8 level attends, whichever way round.
     for shape in ((8, 16), (16, 8)):
-        names = model.init(jax.random.key(0), jnp.zeros((1, *shape, 3)), t[:1])["params"]
+        names = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape, 3)),
+                               t[:1])["params"]
         assert sorted(n for n in names if "attn" in n) == ["down1_attn0", "mid_attn",
                                                            "up1_attn0", "up1_attn1"]
 
