@@ -8,6 +8,7 @@ in configs/ for real experiments. Override any field on the command line with
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,13 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     data.split = "train"  # tfds split to train on
     data.eval_split = ""  # tfds split for the validation loss; '' holds out training images
     data.data_dir = ""  # tfds data_dir ('' = tfds default; use it for manually downloaded data)
-    data.image_size = 32  # square training resolution
+    # Training resolution: 32 (square) or (height, width), e.g. --config.data.image_size="(48,64)"
+    data.image_size = config_dict.FieldReference(32, field_type=object)
     data.channels = 3  # 3: RGB; 1: greyscale (images are converted; the model draws grey)
     data.resize = "center_crop"  # 'center_crop' (keep aspect, crop the middle) or 'stretch'
     data.random_flip = True  # random horizontal flips, drawn on device from the step's key
     data.cache = True  # keep decoded, resized uint8 images in memory when they fit...
     data.cache_max_gb = 4.0  # ...under this size
-    data.num_eval_examples = 16  # held-out images for the validation loss
+    data.num_eval_examples = 16  # held-out images for the validation loss (folders: at most)
+    data.folder_eval_fraction = 0.05  # folder source: share held out, rounded down (24 -> 1)
     data.prefetch = 2  # global batches kept ready on device
     data.num_workers = 8  # image-decoding threads
 
@@ -60,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.batch_size = 64  # global, split over all devices
     training.num_train_steps = 800_000
     training.steps_per_call = 1  # steps fused in one jitted lax.scan (GPU/TPU; keep 1 on CPU)
+    training.grad_accum_steps = 1  # micro-batches per step: batch_size/N at a time, same update
     training.ema_decay = 0.9999
     training.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)) early on
     training.log_every_steps = 100

@@ -7,6 +7,10 @@ Your own photos (any size and format; faces roughly centred):
     python -m ddpm_jax.main --config configs/faces.py --workdir runs/myfaces \
         --config.data.source=folder --config.data.path=/path/to/photos
 
+Portraits are taller than wide: `--config.data.image_size="(80,64)"` (height, width) keeps more of
+each than the centred square. A folder holds out 5% of its photos for the validation loss (at
+most num_eval_examples), and trains even when it has fewer photos than a batch.
+
 TFDS celeb_a downloads from Google Drive, which often refuses on quota; then download it by hand
 and pass --config.data.data_dir, or use a folder. The network is DDPM's CelebA-HQ/LSUN layout
 scaled to 64x64 (ch 128, ch_mult (1, 1, 2, 2, 4), attention at 16x16; 70M parameters). On one

@@ -8,8 +8,13 @@ Measures the jitted training step exactly as `train.train_and_evaluate` runs it 
 donated state) on a batch already on device, so the figure is the step's and not the input
 pipeline's (see benchmarks/bench_input_pipeline.py for that). Reports images/s, model FLOPs per
 image from XLA's cost analysis of the compiled step, achieved TFLOP/s and MFU, peak device memory,
-trace/compile time, and the images/s of every sampler (solvers.SAMPLERS). Every timing is the
-median of `--repeats` repeats after a warm-up, read after `jax.block_until_ready`.
+XLA's planned per-device buffer sizes (`compiled_temp_bytes`: activations and gradients, the
+figure training.grad_accum_steps lowers; known on CPU too), trace/compile time, and the images/s
+of every sampler (solvers.SAMPLERS). Every timing is the median of `--repeats` repeats after a
+warm-up, read after `jax.block_until_ready`. `--compile_only` stops after the compiled figures:
+
+    python -m ddpm_jax.benchmark --config configs/cifar10.py --compile_only \
+        --config.training.grad_accum_steps=4
 
 Prints a table, then ONE line of JSON (the last line of stdout) for scripts to parse.
 """
@@ -83,6 +88,7 @@ class Options:
     sample_images: int | None = None  # None: a few on CPU, a full sampling batch elsewhere
     sampling_timesteps: int | None = None  # None: few on CPU, the config's num_steps elsewhere
     skip_sampling: bool = False
+    compile_only: bool = False  # compile and report XLA's memory analysis; run nothing
 
 
 class RecompileError(RuntimeError):
@@ -125,6 +131,19 @@ def peak_memory_bytes(devices: list) -> int | None:
     return max(peaks) if peaks else None
 
 
+def compiled_memory_bytes(compiled: Any) -> dict[str, int | None]:
+    """Per-device buffer sizes XLA planned for the compiled step: temporaries (activations kept
+    for the backward pass, gradients), arguments, outputs. Known without running, on any backend
+    (CPU included), so it compares settings such as training.grad_accum_steps anywhere."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends raise instead of returning nothing
+        m = None
+    names = ("temp", "argument", "output")
+    return {f"compiled_{n}_bytes": (int(getattr(m, f"{n}_size_in_bytes")) if m else None)
+            for n in names}
+
+
 def median_seconds(run_once: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     """Median wall time of `run_once` (which must block until its work is done) over repeats."""
     times = []
@@ -159,14 +178,16 @@ def fake_batches(mesh, steps_per_call: int, batch_size: int, shape: tuple) -> ja
 
 
 def train_flops_per_image(body: Callable, state, batches: jax.Array, rng, compiled,
-                          num_devices: int) -> float | None:
+                          num_devices: int, grad_accum_steps: int = 1) -> float | None:
     """Model FLOPs of one training step per image, from XLA's cost analysis.
 
     The compiled program is one device's share of the step, so its count is divided by that
     device's share of the batch. XLA counts a while loop's body once whatever its trip count, so
-    with steps_per_call > 1 (a lax.scan) the count comes from a one-step program instead.
+    with steps_per_call > 1 (a lax.scan) the count comes from a one-step program instead, and
+    with grad_accum_steps > 1 it covers one micro-batch (the optimizer update, counted once,
+    is small next to the network).
     """
-    per_device_batch = batches.shape[1] // num_devices
+    per_device_batch = batches.shape[1] // num_devices // grad_accum_steps
     if batches.shape[0] == 1:
         flops = cost_flops(compiled)
     else:
@@ -250,7 +271,17 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    flops_img = train_flops_per_image(body, state, batches, train_rng, compiled, n_dev)
+    flops_img = train_flops_per_image(body, state, batches, train_rng, compiled, n_dev,
+                                      config.training.grad_accum_steps)
+    compiled_figures = {
+        "params": int(num_params),
+        "flops_per_image": flops_img,
+        **compiled_memory_bytes(compiled),
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+    }
+    if opts.compile_only:
+        return compiled_figures, state
 
     # The calls below reuse the executable compiled above (jax caches the lowering and the
     # compilation), which the trace count and cache size checked at the end confirm.
@@ -272,20 +303,17 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     step_s = median_s / (calls * K)
     images_per_s = B / step_s
     result = {
-        "params": int(num_params),
+        **compiled_figures,
         "train_images_per_s": images_per_s,
         "train_step_s": step_s,
         "train_repeat_s": times,
         "train_steps_per_repeat": calls * K,
-        "flops_per_image": flops_img,
         # `state` was donated to the first call: its arrays are gone, the current ones are here.
         "forward_flops_per_image": forward_flops_per_image(model, holder["state"].params, shape),
         "forward_matmul_flops_per_image": forward_matmul_flops_per_image(
             model, holder["state"].params, shape),
         "achieved_tflops": flops_img * images_per_s / 1e12 if flops_img else None,
         "peak_memory_bytes": peak_memory_bytes(mesh.devices.flat),
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t1,
         "warmup_s": first_calls_s,
         "compile_count": jit_cache_size(jitted),
         "trace_count": len(traces),
@@ -350,6 +378,7 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
         "device_count": n_dev,
         "batch_size": config.training.batch_size,
         "steps_per_call": config.training.steps_per_call,
+        "grad_accum_steps": config.training.grad_accum_steps,
         "image_size": config.data.image_size,
         "dtype": config.model.dtype,
         "attention_impl": config.model.attention_impl,
@@ -359,11 +388,11 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
     }
     train_result, state = bench_train(config, mesh, opts)
     result.update(train_result)
-    achieved = result["achieved_tflops"]
+    achieved = result.get("achieved_tflops")
     result["peak_tflops_per_device"] = peak
     result["mfu"] = achieved / (peak * n_dev) if achieved and peak else None
 
-    if not opts.skip_sampling:
+    if not (opts.skip_sampling or opts.compile_only):
         per_dev = opts.sample_images or (
             CPU_SAMPLE_IMAGES if on_cpu else config.sampling.per_device_batch * n_dev)
         num_images = -(-per_dev // n_dev) * n_dev  # a whole number of images per device
@@ -378,7 +407,7 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
 
 def check_compiled_once(result: dict) -> None:
     """The step must trace and compile once: a second entry means a shape/sharding/dtype drift."""
-    counts = (result["compile_count"], result["trace_count"])
+    counts = (result.get("compile_count"), result.get("trace_count"))
     if any(c is not None and c != 1 for c in counts):
         raise RecompileError(
             f"the training step compiled {counts[0]} and traced {counts[1]} times (expected 1)")
@@ -430,6 +459,9 @@ flags.DEFINE_integer("sampling_timesteps", None,
                      f"rounds down to odd). Default: {CPU_SAMPLING_TIMESTEPS} on CPU, else the "
                      "config's.")
 flags.DEFINE_bool("skip_sampling", False, "Time the training step only.")
+flags.DEFINE_bool("compile_only", False,
+                  "Compile the training step and report XLA's memory analysis and FLOPs; run "
+                  "nothing (seconds where a CPU step takes minutes).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -444,7 +476,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     opts = Options(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
                    peak_tflops=FLAGS.peak_tflops, sample_images=FLAGS.sample_images,
-                   sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling)
+                   sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling,
+                   compile_only=FLAGS.compile_only)
     try:
         result = run(FLAGS.config, opts)
     except validate.ConfigError as e:

@@ -164,8 +164,10 @@ def reference_key(config: ml_collections.ConfigDict) -> str:
     name = f"{d.source}:{where}:{d.resize}"
     if input_pipeline.image_shape(d)[-1] == 1:  # greyscale statistics differ from RGB ones
         name += ":grey"
+    h, w = input_pipeline.image_hw(d.image_size)
+    size = h if h == w else f"{h}x{w}"  # square keys as before: their caches stay valid
     return fid.stats_key(
-        name, _reference_split(config), d.image_size, config.eval.reference_num_examples or None
+        name, _reference_split(config), size, config.eval.reference_num_examples or None
     )
 
 

@@ -379,7 +379,8 @@ def _download_and_convert(target: str) -> None:
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def stats_key(dataset_name: str, split: str, image_size: int, num_examples: int | None) -> str:
+def stats_key(dataset_name: str, split: str, image_size: int | str, num_examples: int | None
+              ) -> str:
     """A readable, filesystem-safe cache key, e.g. 'cifar10_train_32px_n50000_<features>-1a2b3c4d'.
 
     Unsafe characters collapse to '-', so a short hash of the exact inputs is appended to keep

@@ -17,8 +17,9 @@ Sources (`data.source`):
 
 Every image becomes RGB (transparency composited on white, 16-bit greyscale scaled to 8 bits,
 EXIF orientation applied), or greyscale (PIL's luma of that RGB) with `data.channels=1`, and
-`data.image_size` square by `data.resize`: 'center_crop' (the largest centred square, then
-resized) or 'stretch' (whole image squashed to a square), with Lanczos resampling.
+`data.image_size` (an int for squares, or (height, width)) by `data.resize`: 'center_crop' (the
+largest centred box of that aspect ratio, then resized) or 'stretch' (the whole image squashed to
+it), with Lanczos resampling.
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ class _Settings:
     split: str = "train"
     eval_split: str = ""
     data_dir: str = ""
-    image_size: int = 32
+    image_size: int | Sequence[int] = 32
     channels: int = 3
     resize: str = "center_crop"
     cache: bool = True
     cache_max_gb: float = 4.0
     num_eval_examples: int = 16
+    folder_eval_fraction: float = 0.05
     prefetch: int = 2
     num_workers: int = 8
 
@@ -96,16 +98,20 @@ def _read_settings(data_config: Any) -> _Settings:
         raise InputError(f"data.channels={s.channels!r} is not one of {CHANNELS} (grey, RGB)")
     if s.resize not in RESIZE_POLICIES:
         raise InputError(f"data.resize={s.resize!r} is not one of {RESIZE_POLICIES}")
+    image_hw(s.image_size)  # raises on anything but a positive int or (height, width)
     for key, minimum in (
-        ("image_size", 1),
         ("num_eval_examples", 0),
         ("prefetch", 0),
         ("num_workers", 1),
     ):
         value = getattr(s, key)
-        # bool is an int subclass; True as an image size is a config mistake, not 1.
+        # bool is an int subclass; True as a count is a config mistake, not 1.
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise InputError(f"data.{key}={value!r} must be an integer >= {minimum}")
+    fraction = s.folder_eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+            0 <= fraction <= 1):
+        raise InputError(f"data.folder_eval_fraction={fraction!r} must be a number in [0, 1]")
     if not isinstance(s.cache_max_gb, int | float) or s.cache_max_gb < 0:
         raise InputError(f"data.cache_max_gb={s.cache_max_gb!r} must be a number >= 0")
     if s.source == "folder" and not s.path:
@@ -136,38 +142,55 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _fit(im: Image.Image, size: int, resize: str) -> Image.Image:
-    """Resizes to size x size: the centred square ('center_crop') or the whole image ('stretch')."""
+def _fit(im: Image.Image, size_hw: tuple[int, int], resize: str) -> Image.Image:
+    """Resizes to (height, width): the largest centred box of that aspect ratio ('center_crop')
+    or the whole image ('stretch')."""
     w, h = im.size
-    if (w, h) == (size, size):
+    th, tw = size_hw
+    if (w, h) == (tw, th):
         return im
     box = None
     if resize == "center_crop":
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        # Crop the longer side (relative to the target's aspect): w / h against tw / th.
+        cw, ch = (h * tw / th, h) if w * th > h * tw else (w, w * th / tw)
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     # reducing_gap: a fast integer reduce() first for big downscales, still Lanczos quality.
-    return im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return im.resize((tw, th), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def image_hw(image_size: Any) -> tuple[int, int]:
+    """`data.image_size` as (height, width): an int is a square; a pair (a tuple, or the list a
+    saved config's JSON holds) is (height, width)."""
+    pair = (image_size, image_size) if isinstance(image_size, int) else image_size
+    ok = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair)
+    if not ok:  # bool is an int subclass; True as an image size is a config mistake, not 1
+        raise InputError(f"data.image_size={image_size!r} must be an integer >= 1 or a "
+                         "(height, width) pair of them")
+    return int(pair[0]), int(pair[1])
 
 
 def image_shape(data_config: Any) -> tuple[int, int, int]:
     """(H, W, C) of the training images, and so of the model's input, output and samples.
     Configs saved before `data.channels` existed were RGB."""
-    return (data_config.image_size, data_config.image_size, data_config.get("channels", 3))
+    return (*image_hw(data_config.image_size), data_config.get("channels", 3))
 
 
-def _load(item: Item, size: int, resize: str, channels: int) -> np.ndarray:
-    """Decodes one path / encoded bytes / array into uint8 [size, size, channels]. Raises if
+def _load(item: Item, size_hw: tuple[int, int], resize: str, channels: int) -> np.ndarray:
+    """Decodes one path / encoded bytes / array into uint8 [height, width, channels]. Raises if
     unreadable."""
     if isinstance(item, np.ndarray):
         im = Image.fromarray(item)
     else:
         im = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
     with im:
-        # JPEG only: decode at the smallest DCT scale still >= size on both sides (much faster).
-        im.draft(None, (size, size))
+        # JPEG only: decode at the smallest DCT scale still >= the size on both sides (much
+        # faster). The crop box is then still at least the target size: its short side is one
+        # of the image's.
+        im.draft(None, (size_hw[1], size_hw[0]))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)
-        im = _fit(_to_rgb(im), size, resize)
+        im = _fit(_to_rgb(im), size_hw, resize)
         if channels == 1:
             return np.asarray(im.convert("L"), dtype=np.uint8)[..., None]
         return np.asarray(im, dtype=np.uint8)
@@ -195,7 +218,7 @@ def _parallel_map(pool: concurrent.futures.Executor | None, fn: Callable, items:
 class _Decoder:
     """Decodes batches of items on a thread pool (PIL releases the GIL while decoding)."""
 
-    size: int
+    size_hw: tuple[int, int]
     channels: int
     resize: str
     pool: concurrent.futures.ThreadPoolExecutor | None
@@ -203,10 +226,10 @@ class _Decoder:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (self.size, self.size, self.channels)
+        return (*self.size_hw, self.channels)
 
     def one(self, item: Item) -> np.ndarray:
-        return _load(item, self.size, self.resize, self.channels)
+        return _load(item, self.size_hw, self.resize, self.channels)
 
     def many(
         self, items: Sequence[Item], ids: np.ndarray
@@ -413,6 +436,21 @@ def _take_decodable(
     return np.array(chosen, np.int64), stacked, failed
 
 
+def eval_hold_out(s: Any, num_usable: int) -> int:
+    """Images held out of the training source for the validation loss.
+
+    tfds and embedded: `num_eval_examples`, sized for datasets of thousands. A folder of photos
+    is often ~100-1,000 images, where 256 held out would be a quarter of it or all of it: it
+    keeps `folder_eval_fraction` (rounded down), at most `num_eval_examples` (24 photos -> 1,
+    972 -> 48, 100,000 -> num_eval_examples).
+    """
+    if s.source != "folder":
+        return s.num_eval_examples
+    # The epsilon: 0.29 * 100 is 28.999999999999996 in floats, and means 29.
+    share = int(np.floor(s.folder_eval_fraction * num_usable + 1e-9))
+    return min(s.num_eval_examples, share)
+
+
 def _hold_out_order(n: int) -> np.ndarray:
     """Preference order for held-out examples: seed-independent, so eval never sees training."""
     return np.random.default_rng(_HOLD_OUT_SEED).permutation(n)[::-1]
@@ -595,7 +633,7 @@ class ImageDataset:
         positions = step * b + np.arange(b, dtype=np.int64)
         epochs, offsets = np.divmod(positions, n)
         out = np.empty(b, np.int64)
-        for epoch in np.unique(epochs):  # at most two: global_batch <= num_examples
+        for epoch in np.unique(epochs):  # two at most, unless global_batch > num_examples
             mask = epochs == epoch
             out[mask] = self.train_indices[_epoch_order(self.seed, int(epoch), n)[offsets[mask]]]
         return out
@@ -736,7 +774,7 @@ def create_datasets(
         if s.num_workers > 1
         else None
     )
-    decoder = _Decoder(s.image_size, s.channels, s.resize, pool, s.num_workers)
+    decoder = _Decoder(image_hw(s.image_size), s.channels, s.resize, pool, s.num_workers)
     try:
         return _build(s, decoder, seed, global_batch_size, process_index, process_count)
     except BaseException:
@@ -777,14 +815,20 @@ def _build(
 ) -> tuple[ImageDataset, np.ndarray]:
     source = _open_source(s, decoder.pool)
     hold_out = not (s.source == "tfds" and s.eval_split)
-    n_held = s.num_eval_examples if hold_out else 0
     n_usable = int(source.usable.sum())
+    n_held = eval_hold_out(s, n_usable) if hold_out else 0
     skipped = len(source.items) - n_usable
-    if n_usable < n_held + global_batch_size:  # fail before decoding anything
+    if n_usable < n_held + 1:  # fail before decoding anything
         raise InputError(
             f"{source.key}: {n_usable} usable images (of {len(source.items)}; {skipped} "
-            f"unreadable) is fewer than num_eval_examples={n_held} + "
-            f"global_batch_size={global_batch_size}"
+            f"unreadable) leave no training image after num_eval_examples={n_held}"
+        )
+    if s.source == "folder":
+        logger.info(
+            "%s: %d usable images, %d held out for the validation loss (data.folder_eval_fraction"
+            "=%g of them, at most data.num_eval_examples=%d)%s",
+            source.key, n_usable, n_held, s.folder_eval_fraction, s.num_eval_examples,
+            "" if n_held else "; no validation loss",
         )
 
     in_train = source.usable.copy()
@@ -803,22 +847,27 @@ def _build(
     else:
         eval_images = np.zeros((0, *decoder.shape), np.uint8)
     train_ids = np.flatnonzero(in_train)
-    if len(eval_images) < n_held or len(train_ids) < global_batch_size:
+    if len(eval_images) < n_held or not len(train_ids):
         raise InputError(
             f"{source.key}: {len(eval_images)} eval + {len(train_ids)} training images after "
-            f"{skipped} unreadable; need num_eval_examples={n_held} + "
-            f"global_batch_size={global_batch_size}"
+            f"{skipped} unreadable; need num_eval_examples={n_held} + at least one for training"
+        )
+    if len(train_ids) < global_batch_size:
+        # The order spans several epochs per batch (see global_indices): every image is in a
+        # batch about global_batch / N times, still each once per epoch.
+        logger.warning(
+            "%s: %d training images, fewer than global_batch_size=%d: images repeat within a "
+            "batch", source.key, len(train_ids), global_batch_size,
         )
 
-    size_gb = len(source.items) * s.image_size**2 * s.channels / 2**30
+    size_gb = len(source.items) * int(np.prod(decoder.shape)) / 2**30
     cache = bool(s.cache) and size_gb <= s.cache_max_gb
     logger.info(
-        "%s: %d training + %d eval images at %dx%d, %d unreadable skipped; %s",
+        "%s: %d training + %d eval images at %dx%d (HxW), %d unreadable skipped; %s",
         source.key,
         len(train_ids),
         len(eval_images),
-        s.image_size,
-        s.image_size,
+        *decoder.shape[:2],
         skipped,
         f"caching decoded images in memory ({size_gb:.2f} GiB)"
         if cache

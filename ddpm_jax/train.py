@@ -133,7 +133,9 @@ def train_step(
     """One DDPM step on a global batch of images [B, H, W, 3]: uint8, or float already in [-1, 1].
 
     All randomness comes from `fold_in(rng, step)`, drawn at the global batch shape, so the result
-    does not depend on how many devices the batch is split over.
+    does not depend on how many devices the batch is split over. With
+    `training.grad_accum_steps` = A > 1 the gradient is summed over A micro-batches of B / A
+    (see `_loss_and_grad`), which gives the same update with 1/A of the activation memory.
     """
     k_aug, k_t, k_eps, k_drop = jax.random.split(jax.random.fold_in(rng, state.step), 4)
     if batch_uint8.dtype == jnp.uint8:
@@ -145,14 +147,17 @@ def train_step(
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     xt = diffusion.q_sample(sched, x0, t_B, eps)
 
-    def loss_fn(params):
+    def loss_fn(params, xt, t_B, x0, eps, k_drop):
         out = model.apply({"params": params}, xt, t_B, train=True, rngs={"dropout": k_drop})
         loss_B = diffusion.loss_per_example(
             sched, out, x0, eps, t_B, config.diffusion.prediction, config.diffusion.min_snr_gamma
         )
         return jnp.mean(loss_B), loss_B
 
-    (loss, loss_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = config.training.grad_accum_steps
+    (loss, loss_B), grads = _loss_and_grad(grad_fn, accum, state.params,
+                                           (xt, t_B, x0, eps), k_drop)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: params, EMA and optimizer stay as they were.
     # Params and EMA are kept by zeroing the update and the EMA rate, not by selecting whole trees
@@ -189,6 +194,39 @@ def train_step(
         metrics[f"loss_t_q{q}_sum"] = jnp.sum(jnp.where(in_q > 0, loss_B, 0.0))
         metrics[f"loss_t_q{q}_count"] = jnp.sum(in_q)
     return new_state, metrics
+
+
+def _loss_and_grad(grad_fn, accum: int, params, examples, k_drop):
+    """((mean loss, loss_B), mean gradient) over a batch, in `accum` micro-batches.
+
+    `examples` (xt, t_B, x0, eps) are drawn for the whole batch beforehand, so example i gets the
+    same t, noise and flip whatever `accum` is; only dropout masks, drawn per micro-batch from
+    `fold_in(k_drop, j)`, differ (same distribution). Micro-batch j holds examples j, j + accum,
+    j + 2 accum, ...: a batch sharded in contiguous blocks over D devices splits into
+    micro-batches that are again spread over all D (each device's block holds a whole number of
+    rows of every micro-batch when B / accum is divisible by D, which validate checks), so the
+    reshape moves no data. A lax.scan carries only the gradient sum: one micro-batch's
+    activations are live at a time.
+    """
+    if accum == 1:
+        return grad_fn(params, *examples, k_drop)
+    B = examples[0].shape[0]
+
+    def split(x):  # [B, ...] -> [accum, B / accum, ...]: row a * accum + j -> [j, a]
+        return jnp.swapaxes(x.reshape(B // accum, accum, *x.shape[1:]), 0, 1)
+
+    def micro_step(grad_sum, inputs):
+        j, micro = inputs
+        (_, loss_b), grads = grad_fn(params, *micro, jax.random.fold_in(k_drop, j))
+        return jax.tree.map(jnp.add, grad_sum, grads), loss_b
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, loss_AB = jax.lax.scan(
+        micro_step, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
+    loss_B = jnp.swapaxes(loss_AB, 0, 1).reshape(B)  # back to the batch's order
+    # Each micro-batch's gradient is of its mean loss: their mean is the batch mean's gradient.
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    return (jnp.mean(loss_B), loss_B), grads
 
 
 def train_steps(state, batches_KBHWC, rng, **kwargs):

@@ -145,7 +145,7 @@ class UNet(nn.Module):
     ch: int = 128
     ch_mult: Sequence[int] = (1, 2, 2, 2)
     num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
+    attn_resolutions: Sequence[int] = (16,)  # feature maps whose shorter side is one of these
     dropout: float = 0.1
     out_ch: int = 3
     dtype: jnp.dtype = jnp.float32
@@ -173,7 +173,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = block(self.ch * mult, name=f"down{level}_res{i}")(hs[-1], temb, train)
-                if h.shape[1] in self.attn_resolutions:
+                if min(h.shape[1:3]) in self.attn_resolutions:  # shorter side: H != W
                     h = attn(name=f"down{level}_attn{i}")(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
@@ -190,7 +190,7 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = block(self.ch * mult, name=f"up{level}_res{i}")(h, temb, train)
-                if h.shape[1] in self.attn_resolutions:
+                if min(h.shape[1:3]) in self.attn_resolutions:
                     h = attn(name=f"up{level}_attn{i}")(h)
             if level != 0:
                 h = conv(h.shape[-1], kernel_init=_init(), name=f"up{level}_upsample")(
@@ -203,13 +203,21 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
-def check_image_size(image_size: int, ch_mult: Sequence[int]) -> None:
-    """The U-Net halves the resolution len(ch_mult) - 1 times; skips must line up exactly."""
+def check_image_size(image_size, ch_mult: Sequence[int]) -> None:
+    """The U-Net halves the resolution len(ch_mult) - 1 times; skips must line up exactly.
+    `image_size` is `data.image_size`: an int (square) or (height, width)."""
     factor = 2 ** (len(ch_mult) - 1)
-    if image_size % factor:
-        raise ValueError(
-            f"data.image_size={image_size} is not divisible by 2^(len(model.ch_mult)-1)={factor}"
-        )
+    if isinstance(image_size, int):
+        if image_size % factor:
+            raise ValueError(f"data.image_size={image_size} is not divisible by "
+                             f"2^(len(model.ch_mult)-1)={factor}")
+        return
+    for name, side in zip(("height", "width"), image_size, strict=True):
+        if side % factor:
+            raise ValueError(
+                f"data.image_size={tuple(image_size)}: {name} {side} cannot be halved "
+                f"{len(ch_mult) - 1} times (len(model.ch_mult)-1); it must be divisible by "
+                f"{factor}")
 
 
 # DDPM normalises every layer with 32 groups, which at its width (ch=128) is 4 or more channels

@@ -45,7 +45,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _require(d.source != "folder" or bool(d.path),
              "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
     _one_of(config, "data.resize", input_pipeline.RESIZE_POLICIES)
-    size = _positive_int(config, "data.image_size")
+    try:
+        size = input_pipeline.image_hw(d.image_size)
+    except input_pipeline.InputError as e:
+        raise ConfigError(str(e)) from None
+    size = d.image_size if isinstance(d.image_size, int) else size
     _one_of(config, "data.channels", input_pipeline.CHANNELS)
 
     _positive_int(config, "model.ch")
@@ -79,6 +83,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
              f"training.batch_size={batch} is not divisible by the {num_devices} devices")
     _require(batch % num_processes == 0,
              f"training.batch_size={batch} is not divisible by the {num_processes} processes")
+    accum = _positive_int(config, "training.grad_accum_steps")
+    _require(batch % (accum * num_devices) == 0,
+             f"training.grad_accum_steps={accum}: training.batch_size={batch} does not split into "
+             f"{accum} micro-batches divisible by the {num_devices} devices")
     _positive_int(config, "training.num_train_steps")
     k = _positive_int(config, "training.steps_per_call")
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -120,6 +128,12 @@ def slow_on_platform(config: ml_collections.ConfigDict, platform: str) -> str | 
         # nothing next to a CPU step.
         return (f"training.steps_per_call={k} on CPU: XLA:CPU runs convolution gradients inside "
                 "the fused lax.scan tens of times slower (jax-ml/jax#12868); use 1 on CPU")
+    accum = config.training.grad_accum_steps
+    if platform == "cpu" and accum > 1:
+        # The same XLA:CPU loop-body slowdown: the micro-batches run in a lax.scan.
+        return (f"training.grad_accum_steps={accum} on CPU: the micro-batches run in a lax.scan, "
+                "where XLA:CPU runs convolution gradients much slower (jax-ml/jax#12868); use it "
+                "on CPU only when memory requires it")
     return None
 
 

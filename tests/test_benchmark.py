@@ -161,3 +161,14 @@ def test_forward_matmul_flops_equal_the_analytic_count_of_the_unet(config):
                                                jnp.zeros((1,), jnp.int32)))["params"]
     counted = benchmark.forward_matmul_flops_per_image(model, params, (size, size, 3))
     assert counted == analytic_train_flops(params, size, levels) / 3
+
+
+def test_compile_only_reports_compiled_memory_and_runs_nothing(config):
+    result = benchmark.run(config, benchmark.Options(compile_only=True))
+    for key in ("compiled_temp_bytes", "compiled_argument_bytes", "compiled_output_bytes",
+                "flops_per_image", "compile_s"):
+        assert result[key] > 0, key
+    # The state's params, EMA and Adam moments are arguments: 4 float32 copies at least.
+    assert result["compiled_argument_bytes"] >= 4 * 4 * result["params"]
+    assert "train_images_per_s" not in result and "ddpm_sample_images_per_s" not in result
+    benchmark.check_compiled_once(result)

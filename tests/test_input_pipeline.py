@@ -36,6 +36,9 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
         "cache": True,
         "cache_max_gb": 4.0,
         "num_eval_examples": 0,
+        # A folder holds out num_eval_examples exactly (unless it has fewer images); the
+        # 5% default has its own tests below.
+        "folder_eval_fraction": 1.0,
         "prefetch": 2,
         "num_workers": 2,
     }
@@ -421,10 +424,97 @@ def test_folder_errors_name_the_path_and_count(tmp_path):
     for i in range(5):
         Image.new("RGB", (4, 4), color(i)).save(few / f"{i}.png")
     (few / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(InputError, match=rf"{few}.*: 5 usable images \(of 6; 1 unreadable\)"):
-        create(color_config(few), batch=8)
-    with pytest.raises(InputError, match=r"5 usable.*num_eval_examples=2 \+ global_batch_size=4"):
-        create(color_config(few, num_eval_examples=2), batch=4)
+    with pytest.raises(InputError, match=rf"{few}.*: 5 usable images \(of 6; 1 unreadable\) "
+                       r"leave no training image after num_eval_examples=5$"):
+        create(color_config(few, num_eval_examples=5), batch=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-square sizes
+
+QUARTERS = [(0, 255, 0), (255, 0, 0), (0, 0, 255), (0, 255, 0)]  # green red blue green
+
+
+def quarters_image(width: int, height: int) -> Image.Image:
+    """Four vertical bands of equal width, colours QUARTERS from left to right."""
+    x = np.arange(width) * 4 // width
+    return Image.fromarray(np.broadcast_to(np.array(QUARTERS, np.uint8)[x], (height, width, 3)))
+
+
+def band_colours(image: np.ndarray, bands: int) -> list[tuple[int, ...]]:
+    """The colour at the middle of each of `bands` equal vertical bands (away from the ringing
+    Lanczos leaves at colour edges), rounded to 0 or 255."""
+    w = image.shape[1]
+    cols = [(2 * i + 1) * w // (2 * bands) for i in range(bands)]
+    return [tuple(int(v > 127) * 255 for v in image[image.shape[0] // 2, c]) for c in cols]
+
+
+@pytest.mark.parametrize("size_hw, resize, expected", [
+    ((16, 32), "center_crop", QUARTERS),  # 2:1 like the image: nothing cropped
+    ((16, 64), "center_crop", QUARTERS),  # wider: rows cropped, all four bands kept
+    ((16, 16), "center_crop", QUARTERS[1:3]),  # square: the middle half of the width
+    ((32, 16), "center_crop", QUARTERS[1:3]),  # taller than wide: the middle quarter
+    ((16, 16), "stretch", QUARTERS),  # the whole image squashed
+])
+def test_a_wide_photo_keeps_its_aspect_and_crops_the_middle(tmp_path, size_hw, resize, expected):
+    quarters_image(100, 50).save(tmp_path / "wide.png")
+    ds, _ = create(color_config(tmp_path, image_size=size_hw, resize=resize), batch=1)
+    image = ds.local_batch(0)[0]
+    assert image.shape == (*size_hw, 3) and ds.image_shape == (*size_hw, 3)
+    assert band_colours(image, len(expected)) == expected
+    # The crop is the middle: at (32, 16) the kept quarter of the width is red then blue.
+    if size_hw == (32, 16):
+        assert band_colours(image, 4) == [QUARTERS[1]] * 2 + [QUARTERS[2]] * 2
+
+
+@pytest.mark.parametrize("size, hw", [(32, (32, 32)), ((48, 64), (48, 64)), ([48, 64], (48, 64))])
+def test_image_size_is_an_int_or_height_and_width(size, hw):
+    assert input_pipeline.image_hw(size) == hw
+    assert input_pipeline.image_shape(make_config(image_size=size, channels=1)) == (*hw, 1)
+
+
+@pytest.mark.parametrize("size", [(32,), (32, 0), (32, 48, 3), "32", (32.0, 48), True])
+def test_a_bad_image_size_is_named(size):
+    with pytest.raises(InputError, match=r"^data\.image_size=.* must be an integer >= 1 or a "
+                                         r"\(height, width\) pair of them$"):
+        input_pipeline.image_hw(size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small folders
+
+
+@pytest.mark.parametrize("n, held", [(1, 0), (19, 0), (20, 1), (24, 1), (972, 48),
+                                     (100_000, 256)])
+def test_a_folder_holds_out_five_percent_at_most_num_eval_examples(n, held):
+    config = color_config("/photos", num_eval_examples=256, folder_eval_fraction=0.05)
+    assert input_pipeline.eval_hold_out(config, n) == held
+    # tfds and the embedded faces hold out num_eval_examples whatever their size.
+    assert input_pipeline.eval_hold_out(make_config(num_eval_examples=256), n) == 256
+
+
+def test_a_folder_smaller_than_a_batch_trains_with_repeats(tmp_path, caplog):
+    for i in range(5):
+        Image.new("RGB", (4, 4), color(i)).save(tmp_path / f"{i}.png")
+    config = color_config(tmp_path, num_eval_examples=256, folder_eval_fraction=0.05)
+    with caplog.at_level(logging.INFO):
+        ds, eval_images = create(config, batch=8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("5 usable images, 0 held out for the validation loss" in m for m in messages)
+    assert any("5 training images, fewer than global_batch_size=8: images repeat" in m
+               for m in messages)
+    assert len(eval_images) == 0 and ds.num_examples == 5
+    # 8 per batch from 5 images: every image once per epoch of 5 positions, in order.
+    ids = np.concatenate([ds.global_indices(s) for s in range(5)])  # 40 positions, 8 epochs
+    for epoch in range(8):
+        assert sorted(ids[5 * epoch: 5 * epoch + 5].tolist()) == list(range(5))
+    assert color_ids(ds.local_batch(3)) == ds.global_indices(3).tolist()
+    # One image: a batch of 8 copies of it.
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.new("RGB", (4, 4), color(9)).save(one / "only.png")
+    ds, eval_images = create(color_config(one, folder_eval_fraction=0.05), batch=8)
+    assert len(eval_images) == 0 and color_ids(ds.local_batch(0)) == [9] * 8
 
 
 @pytest.mark.parametrize(

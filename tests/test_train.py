@@ -109,6 +109,47 @@ def test_fused_steps_equal_single_steps(eight_devices):
                  single.params, fused.params)
 
 
+def accum_config(accum):
+    config = adam_config()
+    config.model.dropout = 0.0  # dropout masks are drawn per micro-batch: the one draw that differs
+    config.training.batch_size = 32
+    config.training.grad_accum_steps = accum
+    return config
+
+
+def test_gradient_accumulation_gives_the_same_update(eight_devices):
+    # Micro-batches of 8 spread over the 8 devices, against one batch of 32 on them.
+    data = batches(accum_config(1), 2)
+    _, whole, m1 = run(accum_config(1), jax.devices(), data)
+    step4, accum, m4 = run(accum_config(4), jax.devices(), data)
+    # Same t, noise and flips per example; only the order of the gradient sums differs.
+    for key in ("loss", "grad_norm", *(f"loss_t_q{q}_sum" for q in range(4))):
+        np.testing.assert_allclose(m1[key], m4[key], rtol=2e-6, err_msg=key)
+    for key in (f"loss_t_q{q}_count" for q in range(4)):
+        np.testing.assert_array_equal(m1[key], m4[key])
+    for a, b in ((whole.params, accum.params), (whole.ema_params, accum.ema_params),
+                 (whole.opt_state, accum.opt_state)):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-8), a, b)
+    assert step4._cache_size() == 1
+
+
+def test_gradient_accumulation_on_cpu_gets_a_warning(config):
+    config.training.grad_accum_steps = 2
+    assert validate.slow_on_platform(config, "cpu").startswith(
+        "training.grad_accum_steps=2 on CPU")
+    assert validate.slow_on_platform(config, "gpu") is None
+
+
+def test_gradient_accumulation_micro_batches_must_split_over_devices():
+    config = accum_config(4)
+    config.training.batch_size = 16
+    with pytest.raises(validate.ConfigError, match=r"^training\.grad_accum_steps=4: "
+                       r"training\.batch_size=16 does not split into 4 micro-batches divisible "
+                       r"by the 8 devices$"):
+        validate.check_config(config, num_devices=8)
+    validate.check_config(config, num_devices=4)
+
+
 @pytest.mark.parametrize("platform, k, warns", [
     ("cpu", 2, True), ("cpu", 1, False), ("gpu", 10, False), ("tpu", 10, False)])
 def test_fused_steps_on_cpu_get_a_warning(config, platform, k, warns):

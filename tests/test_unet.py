@@ -149,3 +149,29 @@ def test_dropout_rate_scale_independence_and_sharding():
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_array_equal(
         jax.jit(lambda x: unet.dropout(x, rate, jax.random.key(0)))(sharded), y)
+
+
+def test_non_square_images_use_the_square_network():
+    x, t = jax.random.normal(jax.random.key(1), (2, 8, 16, 3)), jnp.array([1, 5])
+    model = small()
+    params = model.init(jax.random.key(0), x, t)["params"]
+    square = jax.eval_shape(model.init, jax.random.key(0), x[:, :, :8], t)["params"]
+    # Parameters do not depend on the resolution: a non-square model is the same network.
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, square)
+    out = model.apply({"params": params}, x, t)
+    assert out.shape == (2, 8, 16, 3) and bool(jnp.all(jnp.isfinite(out)))
+    # attn_resolutions=(4,) matches the shorter side: the 4x8 level attends, whichever way round.
+    for shape in ((8, 16), (16, 8)):
+        names = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape, 3)),
+                               t[:1])["params"]
+        assert sorted(n for n in names if "attn" in n) == ["down1_attn0", "mid_attn",
+                                                           "up1_attn0", "up1_attn1"]
+
+
+@pytest.mark.parametrize("size, name, side", [((36, 64), "height", 36), ((32, 20), "width", 20)])
+def test_image_size_check_names_the_side_that_cannot_be_halved(size, name, side):
+    unet.check_image_size((32, 64), (1, 2, 2, 2))
+    with pytest.raises(ValueError, match=rf"^data\.image_size=\({size[0]}, {size[1]}\): {name} "
+                                         rf"{side} cannot be halved 3 times \(len\(model\.ch_mult\)"
+                                         r"-1\); it must be divisible by 8$"):
+        unet.check_image_size(size, (1, 2, 2, 2))
