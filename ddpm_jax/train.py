@@ -216,7 +216,7 @@ def train_step(
     return new_state, metrics
 
 
-def train_steps(state, batches_K, rng, **kwargs):
+def train_steps(state, batches_KBHWC, rng, **kwargs):
     """`steps_per_call` (K) training steps in one call: fewer dispatches, same math.
 
     K > 1 runs a lax.scan, which pays off on accelerators. K = 1 skips the loop: XLA:CPU runs a
@@ -224,10 +224,11 @@ def train_steps(state, batches_K, rng, **kwargs):
     a one-iteration loop (its convolution canonicalisation skips loop bodies, jax-ml/jax#12868;
     `validate.slow_on_platform` warns about K > 1 on CPU).
     """
-    if jax.tree.leaves(batches_K)[0].shape[0] == 1:
-        state, metrics = train_step(state, jax.tree.map(lambda b: b[0], batches_K), rng, **kwargs)
+    if jax.tree.leaves(batches_KBHWC)[0].shape[0] == 1:
+        batch = jax.tree.map(lambda b: b[0], batches_KBHWC)  # images, or images and labels
+        state, metrics = train_step(state, batch, rng, **kwargs)
         return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kwargs), state, batches_K)
+    return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kwargs), state, batches_KBHWC)
 
 
 def eval_loss(params, batch, *, model, sched, config) -> jax.Array:
