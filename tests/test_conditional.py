@@ -186,15 +186,16 @@ RED, BLUE = (220, 40, 30), (30, 50, 210)
 
 
 def two_class_folder(root, per_class=16, size=8):
-    """root/blue/*.png and root/red/*.png: class 0 ('blue') is blue squares on grey, class 1
-    ('red') red horizontal bars on grey (sorted names give the class indices)."""
+    """root/blue/*.png and root/red/*.png: class 0 ('blue') is a yellow square on blue, class 1
+    ('red') white bars on red (sorted names give the class indices)."""
     yy, xx = np.mgrid[:size, :size]
-    shapes = {"blue": (yy >= 2) & (yy < 6) & (xx >= 2) & (xx < 6), "red": (yy % 4) < 2}
-    for name, colour in (("blue", BLUE), ("red", RED)):
+    looks = {"blue": (BLUE, (230, 210, 40), (yy >= 2) & (yy < 6) & (xx >= 2) & (xx < 6)),
+             "red": (RED, (250, 250, 250), (yy % 4) < 2)}
+    for name, (background, foreground, shape) in looks.items():
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            img = np.full((size, size, 3), 128, np.uint8)
-            img[shapes[name]] = colour
+            img = np.full((size, size, 3), background, np.uint8)
+            img[shape] = foreground
             Image.fromarray(img).save(root / name / f"{i:02d}.png")
     return root
 
@@ -327,15 +328,15 @@ def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, m
     config = tiny_config()
     config.data.source, config.data.labels, config.data.random_flip = "folder", "subdirs", False
     config.data.path = str(two_class_folder(tmp_path / "data"))
-    config.model.num_classes, config.model.label_dropout = 2, 0.2
+    config.model.num_classes, config.model.label_dropout = 2, 0.1
     config.model.attn_resolutions, config.model.dropout = (), 0.0
-    config.diffusion.num_timesteps = 50
+    config.diffusion.num_timesteps = 100
     config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 20
-    config.training.batch_size, config.training.ema_decay = 16, 0.98
+    config.training.batch_size, config.training.ema_decay = 16, 0.99
     t = config.training
-    t.num_train_steps = t.log_every_steps = t.eval_every_steps = 150
-    t.checkpoint_every_steps = t.sample_every_steps = 150
-    config.sampling.sampler, config.sampling.num_steps = "ddim", 20
+    t.num_train_steps = t.log_every_steps = t.eval_every_steps = 300
+    t.checkpoint_every_steps = t.sample_every_steps = 300
+    config.sampling.sampler, config.sampling.num_steps = "ddpm", 0  # ancestral, all T steps
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert config.data.class_names == ()  # the caller's config is left alone
 
