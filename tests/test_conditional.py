@@ -110,6 +110,22 @@ def test_label_dropout_rate_and_sharding_independence():
     np.testing.assert_array_equal(np.asarray(drop(sharded, jax.random.key(3))), dropped)
 
 
+def test_conditional_training_is_the_same_on_one_and_eight_devices():
+    """test_train's 1-vs-8-device check with labels in the batch and a third of them dropped."""
+    from test_train import adam_config, run
+
+    config = adam_config()
+    config.model.num_classes, config.model.label_dropout = 3, 0.3
+    rng = np.random.default_rng(0)
+    data = [{"image": rng.uniform(-1, 1, (1, 8, 8, 8, 3)).astype(np.float32),
+             "label": rng.integers(0, 3, (1, 8)).astype(np.int32)} for _ in range(2)]
+    _, s1, m1 = run(config, jax.devices()[:1], data)
+    _, s8, m8 = run(config, jax.devices(), data)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 s1.params, s8.params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Guidance
 
@@ -317,9 +333,11 @@ def test_config_errors(overrides, message):
 # As a user runs it
 
 
-def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, monkeypatch):
-    """Red bars (class 1) and blue squares (class 0): label k gives class-k images, and the class
-    names travel with the checkpoint. On one device, as tests/test_learning.py explains."""
+def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, monkeypatch,
+                                                                     caplog):
+    """White bars on red (class 1) and yellow squares on blue (class 0): label k gives class-k
+    images, and the class names travel with the checkpoint. On one device, as
+    tests/test_learning.py explains."""
     make_mesh = sharding.make_mesh
     monkeypatch.setattr(sharding, "make_mesh",
                         lambda devices=None: make_mesh(jax.devices()[:1] if devices is None
@@ -338,6 +356,7 @@ def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, m
     config.sampling.sampler, config.sampling.num_steps = "ddpm", 0  # ancestral, all T steps
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert config.data.class_names == ()  # the caller's config is left alone
+    assert "traced and compiled again" not in caplog.text  # labels in the batch: one compile
 
     sampler = sampling.Sampler.from_workdir(str(tmp_path / "run"))
     assert tuple(sampler.config.data.class_names) == ("blue", "red")
