@@ -369,9 +369,10 @@ def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, m
     assert np.mean(mixed == (np.arange(16) % 2 == 1)) >= 0.85, mixed
 
 
-def test_sample_mode_draws_one_class_from_a_folder_trained_model(tmp_path):
-    """Two training steps on 8 devices from a folder of two classes, then the command line's
-    --mode=sample for class 1 with guidance (on one device: sampling compiles faster there)."""
+def test_resume_is_exact_and_sample_mode_draws_one_class(tmp_path):
+    """A folder of two classes on 8 devices: 2 steps, then resumed to 4, equal 4 straight steps
+    bit for bit (labels and their dropout are functions of the step too); then the command line's
+    --mode=sample draws class 1 with guidance (on one device: it compiles faster there)."""
     from test_end_to_end import env, main_cmd
 
     config = tiny_config()
@@ -380,15 +381,22 @@ def test_sample_mode_draws_one_class_from_a_folder_trained_model(tmp_path):
     config.model.num_classes = 2
     config.training.num_train_steps = config.training.sample_every_steps = 2
     train.train_and_evaluate(config, str(tmp_path / "w"))
-    saved = checkpoint.Checkpointer(str(tmp_path / "w"), read_only=True).saved_config(2)
+    config.training.num_train_steps = 4
+    resumed = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "w")))
+    straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "straight")))
+    for name in ("params", "ema_params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(straight, name),
+                     getattr(resumed, name))
+    saved = checkpoint.Checkpointer(str(tmp_path / "w"), read_only=True).saved_config(4)
     assert saved["data"]["class_names"] == ["blue", "red"] and saved["model"]["num_classes"] == 2
+
     result = subprocess.run(main_cmd(config, tmp_path / "w", "--mode=sample",
                                      "--config.sampling.label=1",
                                      "--config.sampling.guidance_scale=3"),
                             env=env(1), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Classes drawn: 1 (red); guidance scale 3" in result.stderr
-    out = tmp_path / "w" / "samples" / "step_2"
+    out = tmp_path / "w" / "samples" / "step_4"
     npz = np.load(out / "samples.npz")
     assert npz["images"].shape == (8, 8, 8, 3) and npz["labels"].tolist() == [1] * 8
     assert (out / "grid.png").exists() and (out / "00007.png").exists()
