@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.folder_eval_fraction = 0.05  # folder source: share held out, rounded down (24 -> 1)
     data.prefetch = 2  # global batches kept ready on device
     data.num_workers = 8  # image-decoding threads
+    data.labels = ""  # folder: 'subdirs' = one class per top-level sub-directory; '' = no labels
+    data.label_key = "label"  # tfds: the feature holding the class (model.num_classes > 0)
+    data.class_names = ()  # filled from the data when training, saved with the checkpoint
 
     config.model = model = ml_collections.ConfigDict()
     model.ch = 128  # base channel count
@@ -44,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # compute dtype: 'bfloat16' on GPU/TPU (params stay float32)
     model.attention_impl = "auto"  # 'auto' (cuDNN's fused kernel on GPU if it fits), 'xla', 'cudnn'
     model.remat = False  # recompute res blocks in the backward pass to save memory
+    model.num_classes = 0  # > 0: class-conditional on the data's labels; 0: unconditional
+    model.label_dropout = 0.1  # class-conditional: labels dropped to the null class (for guidance)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000  # T
@@ -84,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.num_samples = 64  # images written by --mode=sample
     sampling.per_device_batch = 64  # images per device per sampling call
     sampling.checkpoint_step = -1  # checkpoint to sample from; -1 = latest
+    sampling.label = -1  # class-conditional: the class drawn; -1 = all classes in turn
+    sampling.guidance_scale = 1.0  # classifier-free guidance w: 0 uncond, 1 cond, > 1 guided
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.num_samples = 50_000  # EMA samples for --mode=eval (FID/KID); papers use 50k

@@ -170,11 +170,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: unet.UNet, tx, mes
     return train.jit_train_steps(step, mesh, state_sharding), traces, body
 
 
-def fake_batches(mesh, steps_per_call: int, batch_size: int, shape: tuple) -> jax.Array:
-    """Random uint8 images [K, B, H, W, C], sharded on the batch axis and already on device."""
-    images = np.random.default_rng(0).integers(
-        0, 256, (steps_per_call, batch_size, *shape), np.uint8)
+def fake_batches(mesh, steps_per_call: int, batch_size: int, shape: tuple,
+                 num_classes: int = 0) -> jax.Array | dict[str, jax.Array]:
+    """Random uint8 images [K, B, H, W, C] (and labels [K, B] for a class-conditional model),
+    sharded on the batch axis and already on device."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (steps_per_call, batch_size, *shape), np.uint8)
+    if num_classes:
+        labels = rng.integers(0, num_classes, (steps_per_call, batch_size), np.int32)
+        images = {"image": images, "label": labels}
     return jax.device_put(images, sharding.batch(mesh, leading_dims=1))
+
+
+def _one_label(model: unet.UNet) -> dict:
+    """The label argument of a one-image network call: none for an unconditional model."""
+    return {"label_B": jax.ShapeDtypeStruct((1,), jnp.int32)} if model.num_classes else {}
 
 
 def train_flops_per_image(body: Callable, state, batches: jax.Array, rng, compiled,
@@ -187,12 +197,13 @@ def train_flops_per_image(body: Callable, state, batches: jax.Array, rng, compil
     with grad_accum_steps > 1 it covers one micro-batch (the optimizer update, counted once,
     is small next to the network).
     """
-    per_device_batch = batches.shape[1] // num_devices // grad_accum_steps
-    if batches.shape[0] == 1:
+    K, B = jax.tree.leaves(batches)[0].shape[:2]  # images, or images and labels
+    per_device_batch = B // num_devices // grad_accum_steps
+    if K == 1:
         flops = cost_flops(compiled)
     else:
-        one = jax.ShapeDtypeStruct((1, *batches.shape[1:]), batches.dtype,
-                                   sharding=batches.sharding)
+        one = jax.tree.map(lambda b: jax.ShapeDtypeStruct((1, *b.shape[1:]), b.dtype,
+                                                          sharding=b.sharding), batches)
         # Its own jit of the uncounted step: the timed step keeps one trace and one cache entry.
         flops = cost_flops(jax.jit(body).lower(state, one, rng).compile())
     return flops / per_device_batch if flops else None
@@ -203,7 +214,7 @@ def forward_flops_per_image(model: unet.UNet, params, shape: tuple) -> float | N
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     apply = jax.jit(functools.partial(model.apply, train=False))
-    return cost_flops(apply.lower({"params": params}, x, t).compile())
+    return cost_flops(apply.lower({"params": params}, x, t, **_one_label(model)).compile())
 
 
 def _sub_jaxprs(value):
@@ -247,7 +258,9 @@ def forward_matmul_flops_per_image(model: unet.UNet, params, shape: tuple) -> fl
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     xla_model = model.clone(attention_impl="xla")
-    jaxpr = jax.make_jaxpr(lambda p, x, t: xla_model.apply({"params": p}, x, t))(params, x, t)
+    label = _one_label(model)
+    jaxpr = jax.make_jaxpr(lambda p, x, t, kw: xla_model.apply({"params": p}, x, t, **kw))(
+        params, x, t, label)
     return float(matmul_flops(jaxpr.jaxpr))
 
 
@@ -263,7 +276,7 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     K, B = config.training.steps_per_call, config.training.batch_size
-    batches = fake_batches(mesh, K, B, shape)
+    batches = fake_batches(mesh, K, B, shape, config.model.num_classes)
     jitted, traces, body = make_train_step(config, model, tx, mesh, state_sharding)
 
     t0 = time.perf_counter()

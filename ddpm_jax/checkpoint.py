@@ -143,6 +143,8 @@ class Checkpointer:
         def restore_one(step):
             train_target = {k: v for k, v in vars(abstract_state).items() if k != "ema_params"}
             meta = self.manager.item_metadata(step)
+            if self.config is not None:  # first: it names the flag a shape mismatch cannot
+                self.check_same_classes(step, self.config)
             check_compatible(meta["state"]["params"], train_target["params"], "params",
                              self.directory)
             if self.config is not None:
@@ -177,6 +179,8 @@ class Checkpointer:
 
         def restore_one(s):
             meta = self.manager.item_metadata(s)
+            if config is not None:
+                self.check_same_classes(s, config)
             check_compatible(meta["ema_params"], abstract_ema, "params", self.directory)
             if config is not None:
                 self.check_same_function(s, config)
@@ -209,6 +213,16 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{self.directory}/{step}: trained with diffusion.{key}={was!r} but this "
                     f"config has {now!r}; add --config.diffusion.{key}={was}")
+
+    def check_same_classes(self, step: int, config) -> None:
+        """Raise CheckpointError naming model.num_classes if checkpoint `step` was trained with
+        another class count (the label embedding's shape would say less)."""
+        was = self.saved_config(step).get("model", {}).get("num_classes", 0)
+        now = config.model.get("num_classes", 0)
+        if was != now:
+            raise CheckpointError(
+                f"{self.directory}/{step}: trained with model.num_classes={was} but this config "
+                f"has {now}; add --config.model.num_classes={was}")
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

@@ -15,6 +15,10 @@ Sources (`data.source`):
     decoded exactly like files (index i is the i-th example of the split).
   * 'embedded': 'lfw_faces', the 100 LFW face crops that ship with scikit-image.
 
+Labels (class-conditional models, `num_classes` > 0): for a folder with `data.labels='subdirs'`,
+one class per top-level sub-directory of `data.path`, in sorted order of the names; for tfds, the
+feature `data.label_key`. Batches are then {'image': uint8 images, 'label': int32 classes}.
+
 Every image becomes RGB (transparency composited on white, 16-bit greyscale scaled to 8 bits,
 EXIF orientation applied), or greyscale (PIL's luma of that RGB) with `data.channels=1`, and
 `data.image_size` (an int for squares, or (height, width)) by `data.resize`: 'center_crop' (the
@@ -48,6 +52,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SOURCES = ("folder", "tfds", "embedded")
 CHANNELS = (1, 3)  # greyscale or RGB
 RESIZE_POLICIES = ("center_crop", "stretch")
+LABEL_SOURCES = ("", "subdirs")  # data.labels: none, or the folder's top-level sub-directories
 EMBEDDED_DATASETS = ("lfw_faces",)
 _LFW_NUM_FACES = 100  # skimage.data.lfw_subset(): the first 100 of its 200 crops are faces
 _HOLD_OUT_SEED = 0  # the held-out eval examples must not change with the training seed
@@ -83,6 +88,8 @@ class _Settings:
     folder_eval_fraction: float = 0.05
     prefetch: int = 2
     num_workers: int = 8
+    labels: str = ""
+    label_key: str = "label"
 
 
 def _read_settings(data_config: Any) -> _Settings:
@@ -114,6 +121,11 @@ def _read_settings(data_config: Any) -> _Settings:
         raise InputError(f"data.folder_eval_fraction={fraction!r} must be a number in [0, 1]")
     if not isinstance(s.cache_max_gb, int | float) or s.cache_max_gb < 0:
         raise InputError(f"data.cache_max_gb={s.cache_max_gb!r} must be a number >= 0")
+    if s.labels not in LABEL_SOURCES:
+        raise InputError(f"data.labels={s.labels!r} is not one of {LABEL_SOURCES}")
+    if s.labels and s.source != "folder":
+        raise InputError(f"data.labels={s.labels!r} is for data.source='folder' (tfds labels "
+                         "come from data.label_key)")
     if s.source == "folder" and not s.path:
         raise InputError(
             "data.path is empty: data.source='folder' needs --config.data.path=/path/to/images"
@@ -265,6 +277,8 @@ class _Source:
     key: str  # names the culprit in messages, e.g. "data.path='/photos'"
     items: Sequence[Item]
     usable: np.ndarray  # bool [len(items)]
+    labels: np.ndarray | None = None  # int32 [len(items)], the class of each item
+    class_names: tuple[str, ...] = ()
 
     def label(self, i: int) -> str:
         item = self.items[i]
@@ -285,7 +299,24 @@ def _list_images(root: Path) -> list[str]:
     return sorted(found, key=lambda p: Path(p).relative_to(root).as_posix())
 
 
-def _open_folder(path: str, pool: concurrent.futures.Executor | None) -> _Source:
+def _subdir_labels(root: Path, paths: list[str], key: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """data.labels='subdirs': (class of each path, sorted class names), a class per top-level
+    sub-directory that holds images."""
+    top = [Path(p).relative_to(root).parts for p in paths]
+    loose = [os.path.join(*parts) for parts in top if len(parts) == 1]
+    if loose:
+        raise InputError(f"data.labels='subdirs': {len(loose)} images directly in {key} belong to "
+                         f"no class sub-directory (e.g. {loose[0]!r})")
+    names = tuple(sorted({parts[0] for parts in top}))
+    if len(names) < 2:
+        raise InputError(f"data.labels='subdirs': {key} has {len(names)} class sub-directory "
+                         f"with images {names}; need at least 2")
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[parts[0]] for parts in top], np.int32), names
+
+
+def _open_folder(path: str, pool: concurrent.futures.Executor | None,
+                 labels: str = "") -> _Source:
     root = Path(path).expanduser()
     key = f"data.path={str(root)!r}"
     if not root.exists():
@@ -295,11 +326,12 @@ def _open_folder(path: str, pool: concurrent.futures.Executor | None) -> _Source
     paths = _list_images(root)
     if not paths:
         raise InputError(f"{key}: 0 images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    classes, names = _subdir_labels(root, paths, key) if labels else (None, ())
     errors = _parallel_map(pool, _probe, paths)
     for p, err in zip(paths, errors, strict=True):
         if err is not None:
             logger.warning("Skipping unreadable image %s (%s)", p, err)
-    return _Source(key, paths, np.array([e is None for e in errors]))
+    return _Source(key, paths, np.array([e is None for e in errors]), classes, names)
 
 
 def _import_tfds():
@@ -322,22 +354,33 @@ _TFDS_WAY_OUT = (
 _REACHABLE_TIMEOUT_S = 4.0
 
 
-def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None) -> _Source:
-    """The encoded 'image' feature of a TFDS split (first `limit` examples), kept as bytes."""
+def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None,
+               label_key: str = "") -> _Source:
+    """The encoded 'image' feature of a TFDS split (first `limit` examples), kept as bytes, and
+    with `label_key` that feature's classes."""
     tfds = _import_tfds()
     key = f"data.name={name!r} split={split!r}"
     load = functools.partial(tfds.load, name, split=split, data_dir=data_dir or None,
-                             decoders={"image": tfds.decode.SkipDecoding()})
+                             decoders={"image": tfds.decode.SkipDecoding()}, with_info=True)
     try:
         try:  # prepared data (e.g. downloaded by hand into data.data_dir) needs no network
-            ds = load(download=False)
+            ds, info = load(download=False)
         except Exception:  # noqa: BLE001 -- not prepared, or not a dataset: the download says
             _check_download_reachable(tfds, name, data_dir, key)
-            ds = load()
-        images = ds.map(lambda ex: ex["image"])
+            ds, info = load()
+        names = ()
+        if label_key:
+            if label_key not in info.features:
+                raise InputError(f"data.label_key={label_key!r} is not a feature of TFDS {key} "
+                                 f"(features: {', '.join(sorted(info.features))})")
+            names = tuple(getattr(info.features[label_key], "names", None) or ())
+        examples = ds.map(lambda ex: (ex["image"], ex[label_key] if label_key else 0))
         if limit is not None:
-            images = images.take(limit)
-        items = [b for batch in tfds.as_numpy(images.batch(4096)) for b in batch.tolist()]
+            examples = examples.take(limit)
+        items, labels = [], []
+        for images, classes in tfds.as_numpy(examples.batch(4096)):
+            items += images.tolist()
+            labels += np.asarray(classes).tolist()
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 -- download/prepare fail in many types
@@ -346,7 +389,8 @@ def _open_tfds(name: str, split: str, data_dir: str, limit: int | None = None) -
         raise InputError(
             f"could not load TFDS {key} ({type(err).__name__}: {summary}). {_TFDS_WAY_OUT}"
         ) from None
-    return _Source(f"tfds {key}", items, np.ones(len(items), bool))
+    return _Source(f"tfds {key}", items, np.ones(len(items), bool),
+                   np.array(labels, np.int64) if label_key else None, names)
 
 
 def _check_download_reachable(tfds, name: str, data_dir: str, key: str) -> None:
@@ -577,7 +621,10 @@ class ImageDataset:
     A file that passed the header probe but fails to decode later (e.g. a truncated JPEG) is
     logged, counted in `skipped_files` and replaced, wherever it occurs, by the next decodable
     training example in index order; that replacement is deterministic, but the count grows
-    as such files are met, and differs between processes.
+    as such files are met, and differs between processes. Its label comes with it.
+
+    With labels (`class_names` non-empty), `iterate` yields {'image': ..., 'label': ...} and
+    `eval_labels` holds the held-out images' classes.
     """
 
     def __init__(
@@ -594,6 +641,7 @@ class ImageDataset:
         cache: bool,
         skipped_files: int,
         prefetch: int,
+        eval_labels: np.ndarray | None = None,
     ):
         self.num_examples = len(train_indices)
         self.image_shape = decoder.shape
@@ -615,6 +663,9 @@ class ImageDataset:
         self._bad: set[int] = set()  # training ids that failed to decode after the probe
         self._lock = threading.Lock()
         self._skipped = skipped_files
+        self._substitute: dict[int, int] = {}  # unreadable id -> the id whose image replaced it
+        self.class_names = source.class_names
+        self.eval_labels = eval_labels
 
     @property
     def skipped_files(self) -> int:
@@ -638,6 +689,13 @@ class ImageDataset:
             out[mask] = self.train_indices[_epoch_order(self.seed, int(epoch), n)[offsets[mask]]]
         return out
 
+    def labels(self, ids: np.ndarray) -> np.ndarray:
+        """int32 [len(ids)]: the class of each of `images(ids)` (after any replacement)."""
+        if self._source.labels is None:
+            raise ValueError(f"{self._source.key} has no labels")
+        ids = [self._substitute.get(int(i), int(i)) for i in np.asarray(ids)]
+        return self._source.labels[np.asarray(ids, np.int64)].astype(np.int32)
+
     def local_batch(self, step: int) -> np.ndarray:
         """uint8 [global_batch // process_count, H, W, C]: this process's slice at `step`."""
         return self.images(self.global_indices(step)[self._local_rows])
@@ -648,7 +706,8 @@ class ImageDataset:
         sharding: jax.sharding.NamedSharding,
         steps_per_call: int = 1,
     ) -> PrefetchIterator:
-        """Global uint8 arrays [steps_per_call, global_batch, H, W, C]; call k holds steps
+        """Global uint8 arrays [steps_per_call, global_batch, H, W, C] (with labels, dicts of
+        them and int32 labels [steps_per_call, global_batch]); call k holds steps
         start_step + k * steps_per_call + (0 .. steps_per_call - 1), sharded by `sharding`
         (NamedSharding(mesh, P(None, 'data'))). `data.prefetch` arrays are built ahead on a
         daemon thread; close() the iterator (or use `with`) to stop it early.
@@ -663,13 +722,18 @@ class ImageDataset:
         global_shape = (steps_per_call, self.global_batch_size, *self.image_shape)
         rows = _batch_rows(sharding, global_shape)
 
-        def produce(k: int) -> jax.Array:
+        def produce(k: int) -> jax.Array | dict[str, jax.Array]:
             first = start_step + k * steps_per_call
             ids = np.concatenate(
                 [self.global_indices(first + i)[rows] for i in range(steps_per_call)]
             )
             local = self.images(ids).reshape(steps_per_call, len(rows), *self.image_shape)
-            return jax.make_array_from_process_local_data(sharding, local, global_shape)
+            images = jax.make_array_from_process_local_data(sharding, local, global_shape)
+            if not self.class_names:
+                return images
+            labels = self.labels(ids).reshape(steps_per_call, len(rows))  # after images(ids)
+            return {"image": images, "label": jax.make_array_from_process_local_data(
+                sharding, labels, global_shape[:2])}
 
         return PrefetchIterator(produce, self.prefetch)
 
@@ -731,9 +795,12 @@ class ImageDataset:
             if j in self._bad:
                 continue
             if self._cache is not None and self._filled[j]:
+                self._substitute[i] = j
                 return self._cache[j].copy()
             try:
-                return self._decoder.one(self._source.items[j])
+                image = self._decoder.one(self._source.items[j])
+                self._substitute[i] = j
+                return image
             except Exception as err:  # noqa: BLE001 -- reported; try the next one
                 self._mark_bad(j, err)
         raise InputError(f"{self._source.key}: none of the {n} training images can be decoded")
@@ -750,8 +817,12 @@ def create_datasets(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    num_classes: int = 0,
 ) -> tuple[ImageDataset, np.ndarray]:
     """Returns (train dataset, held-out eval images as uint8 [n_eval, H, W, C]).
+
+    With `num_classes` > 0 (a class-conditional model) the data must have labels, all in
+    [0, num_classes), and as many classes as it says it has.
 
     All validation happens here, eagerly: bad settings or too little usable data raise InputError
     with a one-line message naming the culprit and the counts.
@@ -776,25 +847,57 @@ def create_datasets(
     )
     decoder = _Decoder(image_hw(s.image_size), s.channels, s.resize, pool, s.num_workers)
     try:
-        return _build(s, decoder, seed, global_batch_size, process_index, process_count)
+        return _build(s, decoder, seed, global_batch_size, process_index, process_count,
+                      num_classes)
     except BaseException:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
         raise
 
 
-def _open_source(s: _Settings, pool: concurrent.futures.Executor | None) -> _Source:
+def _open_source(s: _Settings, pool: concurrent.futures.Executor | None,
+                 num_classes: int) -> _Source:
     if s.source == "folder":
-        return _open_folder(s.path, pool)
-    if s.source == "tfds":
-        return _open_tfds(s.name, s.split, s.data_dir)
-    return _open_embedded(s.name)
+        source = _open_folder(s.path, pool, s.labels)
+    elif s.source == "tfds":
+        source = _open_tfds(s.name, s.split, s.data_dir, label_key=s.label_key * bool(num_classes))
+    else:
+        source = _open_embedded(s.name)
+    _check_labels(source, num_classes)
+    if source.labels is not None and not source.class_names:  # e.g. a tfds integer feature
+        source = dataclasses.replace(source, class_names=tuple(map(str, range(num_classes))))
+    return source
 
 
-def _eval_from_split(s: _Settings, decoder: _Decoder) -> tuple[np.ndarray, int]:
-    """The first num_eval_examples images of the tfds eval_split -> (images, unreadable count)."""
-    eval_source = _open_tfds(s.name, s.eval_split, s.data_dir, limit=s.num_eval_examples)
-    _, images, failed = _take_decodable(
+def _check_labels(source: _Source, num_classes: int) -> None:
+    """The labels a model of `num_classes` classes needs (none for 0), all in range."""
+    n_names = len(source.class_names)
+    if source.labels is None or not num_classes:
+        if num_classes:
+            raise InputError(f"model.num_classes={num_classes} needs labels, and {source.key} has "
+                             "none (folders: --config.data.labels=subdirs; tfds: data.label_key)")
+        if n_names:
+            raise InputError(f"data.labels='subdirs': {source.key} has {n_names} classes "
+                             f"{source.class_names}; set --config.model.num_classes={n_names}")
+        return
+    if n_names and n_names != num_classes:
+        raise InputError(f"{source.key} has {n_names} classes {source.class_names[:20]} but "
+                         f"model.num_classes={num_classes}; set "
+                         f"--config.model.num_classes={n_names}")
+    bad = np.flatnonzero((source.labels < 0) | (source.labels >= num_classes))
+    if bad.size:
+        raise InputError(f"{source.key}: label {source.labels[bad[0]]} of example {bad[0]} ("
+                         f"{bad.size} such) is outside [0, model.num_classes={num_classes})")
+
+
+def _eval_from_split(s: _Settings, decoder: _Decoder,
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The first num_eval_examples images of the tfds eval_split -> (images, their labels if
+    num_classes, unreadable count)."""
+    eval_source = _open_tfds(s.name, s.eval_split, s.data_dir, limit=s.num_eval_examples,
+                             label_key=s.label_key * bool(num_classes))
+    _check_labels(eval_source, num_classes)
+    ids, images, failed = _take_decodable(
         eval_source, np.arange(len(eval_source.items)), s.num_eval_examples, decoder
     )
     if len(images) < s.num_eval_examples:
@@ -802,7 +905,8 @@ def _eval_from_split(s: _Settings, decoder: _Decoder) -> tuple[np.ndarray, int]:
             f"{eval_source.key}: {len(images)} decodable images (of {len(eval_source.items)}), "
             f"fewer than num_eval_examples={s.num_eval_examples}"
         )
-    return images, len(failed)
+    labels = None if eval_source.labels is None else eval_source.labels[ids].astype(np.int32)
+    return images, labels, len(failed)
 
 
 def _build(
@@ -812,8 +916,9 @@ def _build(
     global_batch_size: int,
     process_index: int,
     process_count: int,
+    num_classes: int = 0,
 ) -> tuple[ImageDataset, np.ndarray]:
-    source = _open_source(s, decoder.pool)
+    source = _open_source(s, decoder.pool, num_classes)
     hold_out = not (s.source == "tfds" and s.eval_split)
     n_usable = int(source.usable.sum())
     n_held = eval_hold_out(s, n_usable) if hold_out else 0
@@ -833,6 +938,7 @@ def _build(
 
     in_train = source.usable.copy()
     eval_ids = np.zeros(0, np.int64)
+    eval_labels = None
     if hold_out:
         order = _hold_out_order(len(source.items))
         eval_ids, eval_images, failed = _take_decodable(
@@ -841,11 +947,14 @@ def _build(
         in_train[eval_ids] = False
         in_train[failed] = False
         skipped += len(failed)
+        if source.labels is not None:
+            eval_labels = source.labels[eval_ids].astype(np.int32)
     elif s.num_eval_examples:
-        eval_images, n_failed = _eval_from_split(s, decoder)
+        eval_images, eval_labels, n_failed = _eval_from_split(s, decoder, num_classes)
         skipped += n_failed
     else:
         eval_images = np.zeros((0, *decoder.shape), np.uint8)
+        eval_labels = None if source.labels is None else np.zeros(0, np.int32)
     train_ids = np.flatnonzero(in_train)
     if len(eval_images) < n_held or not len(train_ids):
         raise InputError(
@@ -886,6 +995,7 @@ def _build(
         cache=cache,
         skipped_files=skipped,
         prefetch=s.prefetch,
+        eval_labels=eval_labels,
     )
     return dataset, eval_images
 

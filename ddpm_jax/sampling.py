@@ -8,6 +8,10 @@ Library use (e.g. in a notebook):
     from ddpm_jax import sampling
     sampler = sampling.Sampler.from_workdir("runs/quickstart")
     images = sampler.sample(16, seed=0)      # uint8 [16, H, W, C]
+
+A class-conditional model draws image i of class `sampling.label`, or with label -1 of class
+i % num_classes (all classes in turn, uniform over a sample; grids put a class in each column),
+with classifier-free guidance `sampling.guidance_scale` (solvers.Guided).
 """
 
 from __future__ import annotations
@@ -23,10 +27,32 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sharding, solvers, unet
+from ddpm_jax import diffusion, input_pipeline, sharding, solvers, unet, validate
 from ddpm_jax import progress as progress_lib  # `progress` is make_sampler's flag
 
 SAMPLERS = solvers.SAMPLERS
+
+
+def image_labels(index_B: jax.Array, sampling_config, num_classes: int) -> jax.Array | None:
+    """The class of each image index (None for an unconditional model): a function of the index
+    alone, like the image's noise, so it does not depend on the call size or device count."""
+    if not num_classes:
+        return None
+    label = sampling_config.get("label", -1)
+    return index_B % num_classes if label < 0 else jnp.full_like(index_B, label)
+
+
+def conditioned(model, index_B: jax.Array, sampling_config):
+    """`model` as the samplers call it for images `index_B`: with their labels and guidance."""
+    num_classes = getattr(model, "num_classes", 0)  # any model with `apply`, e.g. in tests
+    return solvers.conditioned(model, image_labels(index_B, sampling_config, num_classes),
+                               sampling_config.get("guidance_scale", 1.0))
+
+
+def grid_columns(config, num_images: int) -> int | None:
+    """A class per column when a class-conditional model draws all classes in turn."""
+    k = config.model.get("num_classes", 0)
+    return min(k, num_images) if k and config.sampling.get("label", -1) < 0 else None
 
 
 def draw_progress(model, params, sched, sampling_config, prediction: str, image_shape,
@@ -43,9 +69,11 @@ def draw_progress(model, params, sched, sampling_config, prediction: str, image_
 
     @jax.jit
     def run(params, rng):
-        image_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_images))
-        _, frames = fn(model, params, sched, image_keys, tuple(image_shape),
-                       clip_x0=sampling_config.clip_x0, prediction=prediction, record=record)
+        index = jnp.arange(num_images)
+        image_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+        _, frames = fn(conditioned(model, index, sampling_config), params, sched, image_keys,
+                       tuple(image_shape), clip_x0=sampling_config.clip_x0, prediction=prediction,
+                       record=record)
         return to_uint8(jnp.swapaxes(frames, 0, 1))
 
     return np.asarray(run(params, rng))  # replicated, like the params: every process has it
@@ -66,8 +94,8 @@ def make_sampler(model, sched, sampling_config, prediction: str, image_shape, me
     @functools.partial(jax.jit, out_shardings=sharding.batch(mesh))
     def sample_uint8(params, rng, index_B):
         image_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index_B)
-        x = fn(model, params, sched, image_keys, image_shape, clip_x0=s.clip_x0,
-               prediction=prediction)
+        x = fn(conditioned(model, index_B, s), params, sched, image_keys, image_shape,
+               clip_x0=s.clip_x0, prediction=prediction)
         return to_uint8(x)
 
     n_dev = mesh.devices.size
@@ -130,7 +158,8 @@ class Sampler:
                      step: int = -1) -> Sampler:
         """Restore EMA params (only them) of checkpoint `step` (-1: latest) in `workdir`.
 
-        Without `config`, the config saved with the checkpoint is used.
+        Without `config`, the config saved with the checkpoint is used; with it, the class names
+        saved with the checkpoint still come with it (`config.data.class_names`).
         """
         from ddpm_jax import checkpoint
 
@@ -140,6 +169,10 @@ class Sampler:
             if not steps:
                 raise checkpoint.CheckpointError(f"no checkpoint in {ckpt.directory}")
             config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1] if step < 0 else step))
+        elif config.model.get("num_classes", 0) and ckpt.all_steps():
+            saved = ckpt.saved_config(ckpt.all_steps()[-1] if step < 0 else step)
+            config = config.copy_and_resolve_references()
+            config.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
         mesh = sharding.make_mesh()
         model = unet.from_config(config)
         abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
@@ -170,15 +203,24 @@ class Sampler:
 
 def sample_and_write(config: ml_collections.ConfigDict, workdir: str) -> str:
     """--mode=sample: samples from the checkpoint into WORKDIR/samples/step_<N>/."""
+    validate.check_sampling(config)
     sampler = Sampler.from_workdir(workdir, config, config.sampling.checkpoint_step)
     images = sampler.sample(config.sampling.num_samples, seed=config.seed, progress=True)
     out_dir = os.path.join(workdir, "samples", f"step_{sampler.step}")
+    labels = image_labels(np.arange(len(images)), config.sampling, config.model.num_classes)
+    if labels is not None:
+        names = sampler.config.data.get("class_names", ())
+        logging.info("Classes drawn: %s; guidance scale %g", ", ".join(
+            f"{k} ({names[k]})" if k < len(names) else str(k) for k in np.unique(labels)),
+            config.sampling.guidance_scale)
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        write_png(os.path.join(out_dir, "grid.png"), make_grid(images))
+        write_png(os.path.join(out_dir, "grid.png"),
+                  make_grid(images, cols=grid_columns(config, len(images))))
         for i, img in enumerate(images):
             write_png(os.path.join(out_dir, f"{i:05d}.png"), img)
-        np.savez(os.path.join(out_dir, "samples.npz"), images=images)
+        np.savez(os.path.join(out_dir, "samples.npz"), images=images,
+                 **({} if labels is None else {"labels": labels}))
     # The denoising of the first few samples, one row per image: predicted x_0 from T to 0.
     frames = sampler.progress(seed=config.seed)
     if jax.process_index() == 0:

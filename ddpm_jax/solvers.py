@@ -18,12 +18,18 @@ predicted at t = 0, as DDIM does and as DPM-Solver's `denoise_to_zero`.
 for the last, so it takes (num_steps + 1) // 2 grid points and 2 * that - 1 evaluations.
 
 Every image draws its noise from `fold_in(image_key, t)`: an image depends only on its key.
+
+A sampler calls its `model` only through `model.apply({"params": params}, x, t_B)`, so a
+class-conditional network enters every sampler the same way, as a `Guided` model: its labels bound,
+and classifier-free guidance computed in that call, inside the sampler's scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +49,49 @@ KARRAS_RHO = 7.0
 # DPM-Solver takes its last step at first order when it has fewer than 10 steps ("lower_order
 # final"), which its authors found key to stable sampling with very few steps.
 LOWER_ORDER_FINAL_BELOW = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Guided:
+    """A class-conditional network as the samplers call it: labels bound, and classifier-free
+    guidance (Ho & Salimans 2022) out = uncond + w (cond - uncond) = (1 - w) uncond + w cond, with
+    `uncond` the output for the null class `model.num_classes`. w = 0 is the unconditional model,
+    w = 1 the conditional one, w > 1 guided (Ho & Salimans' w' is our w - 1).
+
+    Guidance combines the network's outputs in whatever it predicts (eps, x0 or v). For fixed x_t
+    and t each of these is an affine function of eps with the same coefficients for both terms, and
+    the weights (1 - w) and w sum to 1, so this is the same as guiding eps and converting.
+
+    w = 0 and w = 1 cost one B-sized call; otherwise one call on 2B images, each image's
+    conditional and unconditional rows next to each other so that every device computes its own
+    images' pairs (the batch stays sharded as it was).
+    """
+
+    model: Any
+    label_B: jax.Array
+    guidance_scale: float
+
+    def apply(self, variables, x, t_B):
+        w, null = self.guidance_scale, self.model.num_classes
+        if w in (0.0, 1.0):
+            label_B = jnp.full_like(self.label_B, null) if w == 0.0 else self.label_B
+            return self.model.apply(variables, x, t_B, label_B=label_B)
+        null_B = jnp.full_like(self.label_B, null)
+        out = self.model.apply(variables, _interleave(x, x), _interleave(t_B, t_B),
+                               label_B=_interleave(self.label_B, null_B))
+        out = out.reshape(x.shape[0], 2, *out.shape[1:])
+        cond, uncond = out[:, 0], out[:, 1]
+        return uncond + w * (cond - uncond)
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[a_0, b_0, a_1, b_1, ...]: rows of a sharded batch stay on the device that holds them."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def conditioned(model, label_B: jax.Array | None, guidance_scale: float = 1.0):
+    """`model` for the samplers: as it is when unconditional (`label_B` None), else `Guided`."""
+    return model if label_B is None else Guided(model, label_B, float(guidance_scale))
 
 
 def image_noise(image_keys: jax.Array, t, shape) -> jax.Array:

@@ -29,6 +29,9 @@ from ddpm_jax import (
 )
 
 PyTree = Any
+# The label-dropout key is fold_in(step key, this), not a fifth split of the step key: a split into
+# five would change the four existing keys, and with them every unconditional run.
+_LABEL_DROPOUT_STREAM = 1
 
 
 class NonFiniteError(RuntimeError):
@@ -120,9 +123,22 @@ def init_state(rng: jax.Array, model: unet.UNet, tx, image_shape: tuple) -> Trai
     return TrainState(zero, params, ema_params, tx.init(params), zero, zero)
 
 
+def split_batch(batch) -> tuple[jax.Array, jax.Array | None]:
+    """(images, labels or None) of a batch: images alone, or {'image': ..., 'label': ...}."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch, None
+
+
+def drop_labels(label_B: jax.Array, rng: jax.Array, rate: float, num_classes: int) -> jax.Array:
+    """Each label replaced by the null class `num_classes` with probability `rate`, drawn at the
+    global batch shape (independent of sharding): classifier-free guidance's joint training."""
+    return jnp.where(jax.random.bernoulli(rng, rate, label_B.shape), num_classes, label_B)
+
+
 def train_step(
     state: TrainState,
-    batch_uint8: jax.Array,
+    batch: jax.Array | dict[str, jax.Array],
     rng: jax.Array,
     *,
     model: unet.UNet,
@@ -130,14 +146,22 @@ def train_step(
     sched: diffusion.Schedule,
     config: ml_collections.ConfigDict,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DDPM step on a global batch of images [B, H, W, 3]: uint8, or float already in [-1, 1].
+    """One DDPM step on a global batch of images [B, H, W, 3]: uint8, or float already in [-1, 1];
+    for a class-conditional model {'image': images, 'label': int [B]}.
 
     All randomness comes from `fold_in(rng, step)`, drawn at the global batch shape, so the result
     does not depend on how many devices the batch is split over. With
     `training.grad_accum_steps` = A > 1 the gradient is summed over A micro-batches of B / A
     (see `_loss_and_grad`), which gives the same update with 1/A of the activation memory.
     """
-    k_aug, k_t, k_eps, k_drop = jax.random.split(jax.random.fold_in(rng, state.step), 4)
+    batch_uint8, label_B = split_batch(batch)
+    step_key = jax.random.fold_in(rng, state.step)
+    k_aug, k_t, k_eps, k_drop = jax.random.split(step_key, 4)
+    if model.num_classes:
+        if label_B is None:
+            raise ValueError(f"model.num_classes={model.num_classes}: the batch needs labels")
+        label_B = drop_labels(label_B, jax.random.fold_in(step_key, _LABEL_DROPOUT_STREAM),
+                              config.model.label_dropout, model.num_classes)
     if batch_uint8.dtype == jnp.uint8:
         x0 = input_pipeline.to_model_input(batch_uint8, k_aug, config.data.random_flip)
     else:  # pre-scaled float images (notebooks, tests)
@@ -147,8 +171,9 @@ def train_step(
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     xt = diffusion.q_sample(sched, x0, t_B, eps)
 
-    def loss_fn(params, xt, t_B, x0, eps, k_drop):
-        out = model.apply({"params": params}, xt, t_B, train=True, rngs={"dropout": k_drop})
+    def loss_fn(params, xt, t_B, x0, eps, label_B, k_drop):
+        out = model.apply({"params": params}, xt, t_B, train=True, rngs={"dropout": k_drop},
+                          label_B=label_B)
         loss_B = diffusion.loss_per_example(
             sched, out, x0, eps, t_B, config.diffusion.prediction, config.diffusion.min_snr_gamma
         )
@@ -157,7 +182,7 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.training.grad_accum_steps
     (loss, loss_B), grads = _loss_and_grad(grad_fn, accum, state.params,
-                                           (xt, t_B, x0, eps), k_drop)
+                                           (xt, t_B, x0, eps, label_B), k_drop)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: params, EMA and optimizer stay as they were.
     # Params and EMA are kept by zeroing the update and the EMA rate, not by selecting whole trees
@@ -199,13 +224,13 @@ def train_step(
 def _loss_and_grad(grad_fn, accum: int, params, examples, k_drop):
     """((mean loss, loss_B), mean gradient) over a batch, in `accum` micro-batches.
 
-    `examples` (xt, t_B, x0, eps) are drawn for the whole batch beforehand, so example i gets the
-    same t, noise and flip whatever `accum` is; only dropout masks, drawn per micro-batch from
-    `fold_in(k_drop, j)`, differ (same distribution). Micro-batch j holds examples j, j + accum,
-    j + 2 accum, ...: a batch sharded in contiguous blocks over D devices splits into
-    micro-batches that are again spread over all D (each device's block holds a whole number of
-    rows of every micro-batch when B / accum is divisible by D, which validate checks), so the
-    reshape moves no data. A lax.scan carries only the gradient sum: one micro-batch's
+    `examples` (xt, t_B, x0, eps, label_B or None) are drawn for the whole batch beforehand, so
+    example i gets the same t, noise and flip whatever `accum` is; only dropout masks, drawn per
+    micro-batch from `fold_in(k_drop, j)`, differ (same distribution). Micro-batch j holds
+    examples j, j + accum, j + 2 accum, ...: a batch sharded in contiguous blocks over D devices
+    splits into micro-batches that are again spread over all D (each device's block holds a whole
+    number of rows of every micro-batch when B / accum is divisible by D, which validate checks),
+    so the reshape moves no data. A lax.scan carries only the gradient sum: one micro-batch's
     activations are live at a time.
     """
     if accum == 1:
@@ -237,24 +262,26 @@ def train_steps(state, batches_KBHWC, rng, **kwargs):
     a one-iteration loop (its convolution canonicalisation skips loop bodies, jax-ml/jax#12868;
     `validate.slow_on_platform` warns about K > 1 on CPU).
     """
-    if batches_KBHWC.shape[0] == 1:
-        state, metrics = train_step(state, batches_KBHWC[0], rng, **kwargs)
+    if jax.tree.leaves(batches_KBHWC)[0].shape[0] == 1:
+        batch = jax.tree.map(lambda b: b[0], batches_KBHWC)  # images, or images and labels
+        state, metrics = train_step(state, batch, rng, **kwargs)
         return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kwargs), state, batches_KBHWC)
 
 
-def eval_loss(params, images_uint8, *, model, sched, config) -> jax.Array:
+def eval_loss(params, batch, *, model, sched, config) -> jax.Array:
     """Validation loss with t spread evenly over [0, T) and noise from a fixed key.
 
     The same images, timesteps and noise at every evaluation, so curves compare across steps and
-    runs. No flips, no dropout.
+    runs. No flips, no dropout; a class-conditional model sees the images' own labels.
     """
+    images_uint8, label_B = split_batch(batch)
     x0 = input_pipeline.to_model_input(images_uint8, jax.random.key(0), False)
     n, T = x0.shape[0], sched.num_timesteps
     t_B = (jnp.arange(n) * T) // n
     eps = jax.random.normal(jax.random.key(1), x0.shape, x0.dtype)
     xt = diffusion.q_sample(sched, x0, t_B, eps)
-    out = model.apply({"params": params}, xt, t_B, train=False)
+    out = model.apply({"params": params}, xt, t_B, train=False, label_B=label_B)
     return jnp.mean(
         diffusion.loss_per_example(
             sched, out, x0, eps, t_B, config.diffusion.prediction, config.diffusion.min_snr_gamma
@@ -322,8 +349,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from clu import metric_writers, periodic_actions  # imports TensorFlow: after the checks
 
     train_ds, eval_images = input_pipeline.create_datasets(
-        config.data, seed=config.seed, global_batch_size=config.training.batch_size
+        config.data, seed=config.seed, global_batch_size=config.training.batch_size,
+        num_classes=config.model.num_classes,
     )
+    if config.model.num_classes:
+        config = config.copy_and_resolve_references()  # the caller's config stays as it was
+        config.data.class_names = train_ds.class_names  # saved with every checkpoint
+        logging.info("%d classes: %s", len(train_ds.class_names), ", ".join(train_ds.class_names))
+        eval_images = {"image": eval_images, "label": train_ds.eval_labels}
     if train_ds.skipped_files:
         logging.warning("Skipped %d unreadable image files.", train_ds.skipped_files)
 
@@ -386,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % t.sample_every_steps == 0 or last:
                 images = draw_samples(state.ema_params, jax.random.fold_in(sample_rng, step),
                                       t.num_grid_samples)
-                _write_sample_grid(writer, workdir, step, images)
+                _write_sample_grid(writer, workdir, step, images, config)
             if stop.requested(at_log_step) or ckpt.reached_preemption(step):
                 return _checkpoint_and_stop(step, state, ckpt, train_metrics, bar)
             if step % t.checkpoint_every_steps == 0 or last:
@@ -416,19 +449,21 @@ def _restore_or_init(ckpt, init_fn, init_rng, mesh):
     return state, state_sharding
 
 
-def _make_eval_loss(config, model, sched, mesh, state_sharding, eval_images):
-    """`fn(params) -> float`, the validation loss on the held-out images; None without any."""
-    n_eval = (len(eval_images) // jax.device_count()) * jax.device_count()
-    if n_eval < len(eval_images):
+def _make_eval_loss(config, model, sched, mesh, state_sharding, eval_batch):
+    """`fn(params) -> float`, the validation loss on the held-out images (with labels, a dict of
+    images and labels); None without any."""
+    n_held = len(jax.tree.leaves(eval_batch)[0])
+    n_eval = (n_held // jax.device_count()) * jax.device_count()
+    if n_eval < n_held:
         logging.warning("Validation loss on %d of %d held-out images (a multiple of the %d "
-                        "devices).", n_eval, len(eval_images), jax.device_count())
+                        "devices).", n_eval, n_held, jax.device_count())
     if not n_eval:
         return None
     eval_fn = jax.jit(
         functools.partial(eval_loss, model=model, sched=sched, config=config),
         in_shardings=(state_sharding.params, sharding.batch(mesh)),
     )
-    eval_batch = sharding.global_batch(mesh, eval_images[:n_eval])
+    eval_batch = jax.tree.map(lambda a: sharding.global_batch(mesh, a[:n_eval]), eval_batch)
     return lambda params: float(eval_fn(params, eval_batch))
 
 
@@ -488,8 +523,8 @@ def _fid_in_loop(fid_in_loop, config, workdir, writer, step, ema_params) -> None
         evaluate.save_if_best(config, workdir, step, ema_params, fid_metrics)
 
 
-def _write_sample_grid(writer, workdir, step, images) -> None:
-    grid = sampling.make_grid(images)
+def _write_sample_grid(writer, workdir, step, images, config) -> None:
+    grid = sampling.make_grid(images, cols=sampling.grid_columns(config, len(images)))
     if jax.process_index() == 0:
         sampling.write_png(f"{workdir}/samples/train_step_{step:08d}.png", grid)
     writer.write_images(step, {"samples": grid[None]})

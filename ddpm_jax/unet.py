@@ -4,6 +4,12 @@ A faithful rebuild of the network in DDPM's TensorFlow code (and score_sde's `dd
 ch=128, ch_mult=(1, 2, 2, 2), two res blocks per level, attention at 16x16 and dropout 0.1 it has
 DDPM's 35.7M parameters at 32x32. Parameters are always float32; `dtype` sets the compute
 precision (bf16 on accelerators), and the output is float32.
+
+With `num_classes` > 0 the network is class-conditional: a learned embedding of the label is added
+to the time embedding after its MLP, as in improved-diffusion's class-conditional models and Ho &
+Salimans' classifier-free guidance. Label `num_classes` is the null class (no label), which
+training substitutes with probability `model.label_dropout` so that one network learns both the
+conditional and the unconditional model. With `num_classes` = 0 there are no label parameters.
 """
 
 from __future__ import annotations
@@ -140,7 +146,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps/x0/v-prediction network: (x_t [B, H, W, C], t [B]) -> [B, H, W, out_ch] float32."""
+    """eps/x0/v-prediction network: (x_t [B, H, W, C], t [B], label [B] if num_classes > 0)
+    -> [B, H, W, out_ch] float32."""
 
     ch: int = 128
     ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -152,9 +159,10 @@ class UNet(nn.Module):
     attention_impl: str = "auto"
     norm_groups: int = 32  # GroupNorm's groups in every layer (DDPM: 32); see `norm_groups`
     remat: bool = False  # recompute res blocks in the backward pass: less memory, ~1/3 more FLOPs
+    num_classes: int = 0  # > 0: class-conditional, with label num_classes the null class
 
     @nn.compact
-    def __call__(self, x_BHWC, t_B, train: bool = False):
+    def __call__(self, x_BHWC, t_B, train: bool = False, label_B=None):
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         block = functools.partial(block_cls, dropout=self.dropout, dtype=self.dtype,
                                   norm_groups=self.norm_groups)
@@ -167,6 +175,15 @@ class UNet(nn.Module):
         temb = nn.Dense(4 * self.ch, kernel_init=_init(), dtype=self.dtype, name="temb1")(
             nn.swish(temb)
         )
+        if self.num_classes:
+            if label_B is None:
+                raise ValueError(f"a class-conditional UNet (num_classes={self.num_classes}) needs "
+                                 "labels; pass label_B (num_classes for none)")
+            # improved-diffusion's nn.Embedding init, N(0, 1): at init each class already moves
+            # the time embedding by about its own size, so labels matter from the first step.
+            temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
+                                   embedding_init=nn.initializers.normal(1.0),
+                                   name="label_emb")(label_B)
 
         # Explicit names: readable checkpoints, and the same names with or without remat.
         hs = [conv(self.ch, kernel_init=_init(), name="conv_in")(x_BHWC.astype(self.dtype))]
@@ -255,13 +272,15 @@ def from_config(config) -> UNet:
         attention_impl=m.attention_impl,
         norm_groups=norm_groups(m),
         remat=m.remat,
+        num_classes=m.get("num_classes", 0),  # configs saved before the field: unconditional
     )
 
 
 def init_params(model: UNet, rng: jax.Array, image_shape: Sequence[int]):
     """Freshly initialised parameters for images of `image_shape` (H, W, C)."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    return model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+    x, t = jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+    label = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    return model.init(rng, x, t, train=False, label_B=label)["params"]
 
 
 def abstract_params(model: UNet, image_shape: Sequence[int]):

@@ -69,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: expected 0 <= dropout < 1")
     _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _one_of(config, "model.attention_impl", ("auto", "xla", "cudnn"))
+    check_labels(config)
 
     T = _positive_int(config, "diffusion.num_timesteps")
     _require(T >= 2, f"diffusion.num_timesteps={T}: need at least 2")
@@ -104,6 +105,26 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
     _positive_int(config, "sampling.per_device_batch")
 
 
+def check_labels(config: ml_collections.ConfigDict) -> None:
+    """A class-conditional model's settings, and labels its data source can give."""
+    d, m = config.data, config.model
+    k = m.num_classes
+    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+             f"model.num_classes={k!r}: expected 0 (unconditional) or a number of classes")
+    _require(0.0 <= m.label_dropout < 1.0,
+             f"model.label_dropout={m.label_dropout}: expected 0 <= label_dropout < 1")
+    _one_of(config, "data.labels", input_pipeline.LABEL_SOURCES)
+    _require(not d.labels or d.source == "folder",
+             f"data.labels={d.labels!r} is for data.source='folder' (tfds labels come from "
+             "data.label_key)")
+    if k:
+        _require(d.source != "embedded", f"model.num_classes={k}: data.source='embedded' has no "
+                 "labels; use a folder (--config.data.labels=subdirs) or tfds")
+        _require(d.source != "folder" or d.labels == "subdirs",
+                 f"model.num_classes={k} needs labels: add --config.data.labels=subdirs (one "
+                 "class per top-level sub-directory of data.path)")
+
+
 def check_sampling(config: ml_collections.ConfigDict) -> None:
     """The sampler settings (also checked by --mode=eval before it loads anything)."""
     s, T = config.sampling, config.diffusion.num_timesteps
@@ -116,6 +137,21 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
     _require(s.sampler != "ddpm" or steps != 1,
              "sampling.num_steps=1: the ancestral sampler needs at least 2 steps")
     _require(0.0 <= s.eta <= 1.0, f"sampling.eta={s.eta}: expected 0 <= eta <= 1")
+    k, label, w = config.model.num_classes, s.label, s.guidance_scale
+    if not k:
+        _require(label == -1, f"sampling.label={label}: the model is unconditional "
+                 "(model.num_classes=0)")
+        _require(w == 1.0, f"sampling.guidance_scale={w}: guidance needs a class-conditional "
+                 "model (model.num_classes > 0)")
+        return
+    _require(isinstance(label, int) and -1 <= label < k,
+             f"sampling.label={label!r}: expected a class in [0, model.num_classes={k}) or -1 "
+             "(all classes in turn)")
+    _require(w >= 0, f"sampling.guidance_scale={w}: expected >= 0 (0: unconditional, 1: "
+             "conditional, > 1: guided)")
+    _require(w == 1.0 or config.model.label_dropout > 0,
+             f"sampling.guidance_scale={w} needs the unconditional model, which "
+             "model.label_dropout=0 never trains; use guidance_scale=1")
 
 
 def slow_on_platform(config: ml_collections.ConfigDict, platform: str) -> str | None:

@@ -171,6 +171,9 @@ def test_sample_on_one_device_from_an_eight_device_checkpoint(trained, tmp_path)
                                        "this config gives 32; add --config.model.norm_groups=8",)),
     ("--config.diffusion.prediction=v", ("trained with diffusion.prediction='eps' but this config "
                                          "has 'v'; add --config.diffusion.prediction=eps",)),
+    # Conditional params would not fit either, but the message names the flag that fixes it.
+    ("--config.model.num_classes=2", ("trained with model.num_classes=0 but this config has 2; "
+                                      "add --config.model.num_classes=0",)),
 ])
 def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path, flag, messages):
     result = subprocess.run(main_cmd(tiny_config(), trained[0], "--mode=sample", flag),
@@ -189,6 +192,8 @@ def test_sampling_with_a_mismatched_config_names_the_parameter(trained, tmp_path
     ("--config.sampling.sampler=euler", "sampling.sampler='euler'"),
     ("--config.model.norm_groups=5", "model.ch=32 is not divisible by the 5 GroupNorm groups"),
     ("--config.model.ch=30", "model.ch=30 is not divisible by the 7 GroupNorm groups"),
+    ("--config.model.num_classes=2", "model.num_classes=2: data.source='embedded' has no labels"),
+    ("--config.sampling.guidance_scale=2", "sampling.guidance_scale=2.0: guidance needs a class-"),
 ])
 def test_config_errors_are_one_line_before_compiling(tmp_path, flag, culprit):
     result = subprocess.run(main_cmd(tiny_config(), tmp_path / "w", flag), env=env(),
