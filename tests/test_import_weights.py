@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from conftest import REPO
 from safetensors.numpy import load_file, save_file
 
-from ddpm_jax import checkpoint, diffusion, import_weights, main, solvers, unet
+from ddpm_jax import checkpoint, diffusion, import_weights, solvers, unet
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "reference")
 DIFFUSERS = os.path.join(FIXTURES, "unet_small")
@@ -300,9 +299,19 @@ def test_sample_from_imported_workdir_without_config(tmp_path):
 
 
 def test_config_is_required_without_a_checkpoint(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
-        main.with_workdir_config(["main", "--workdir", str(tmp_path), "--mode=sample"])
-    with pytest.raises(flags.Error, match="--config is required for --mode=train"):
-        main.with_workdir_config(["main", "--workdir", str(tmp_path)])
-    argv = ["main", "--config", "c.py", "--mode=sample"]
-    assert main.with_workdir_config(argv) == argv
+    # In a subprocess: ddpm_jax.main defines absl's --config flag, as ddpm_jax.benchmark (which
+    # other tests import) does, and one process cannot hold both.
+    script = f"""
+import pytest
+from absl import flags
+from ddpm_jax import checkpoint, main
+with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+    main.with_workdir_config(["main", "--workdir", {str(tmp_path)!r}, "--mode=sample"])
+with pytest.raises(flags.Error, match="--config is required for --mode=train"):
+    main.with_workdir_config(["main", "--workdir", {str(tmp_path)!r}])
+argv = ["main", "--config", "c.py", "--mode=sample"]
+assert main.with_workdir_config(argv) == argv
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
