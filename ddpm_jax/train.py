@@ -149,8 +149,9 @@ def train_step(
     """One DDPM step on a global batch of images [B, H, W, 3]: uint8, or float already in [-1, 1];
     for a class-conditional model {'image': images, 'label': int [B]}.
 
-    All randomness comes from `fold_in(rng, step)`, drawn at the global batch shape, so the result
-    does not depend on how many devices the batch is split over. With
+    All randomness comes from `fold_in(rng, step)`, drawn at the global batch shape (dropout per
+    example: `unet.dropout`), so the result does not depend on how many devices the batch is split
+    over. With
     `training.grad_accum_steps` = A > 1 the gradient is summed over A micro-batches of B / A
     (see `_loss_and_grad`), which gives the same update with 1/A of the activation memory.
     """
@@ -171,9 +172,9 @@ def train_step(
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     xt = diffusion.q_sample(sched, x0, t_B, eps)
 
-    def loss_fn(params, xt, t_B, x0, eps, label_B, k_drop):
+    def loss_fn(params, xt, t_B, x0, eps, label_B, example_B):
         out = model.apply({"params": params}, xt, t_B, train=True, rngs={"dropout": k_drop},
-                          label_B=label_B)
+                          label_B=label_B, example_B=example_B)
         loss_B = diffusion.loss_per_example(
             sched, out, x0, eps, t_B, config.diffusion.prediction, config.diffusion.min_snr_gamma
         )
@@ -182,7 +183,7 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.training.grad_accum_steps
     (loss, loss_B), grads = _loss_and_grad(grad_fn, accum, state.params,
-                                           (xt, t_B, x0, eps, label_B), k_drop)
+                                           (xt, t_B, x0, eps, label_B, jnp.arange(B)))
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: params, EMA and optimizer stay as they were.
     # Params and EMA are kept by zeroing the update and the EMA rate, not by selecting whole trees
@@ -221,33 +222,31 @@ def train_step(
     return new_state, metrics
 
 
-def _loss_and_grad(grad_fn, accum: int, params, examples, k_drop):
+def _loss_and_grad(grad_fn, accum: int, params, examples):
     """((mean loss, loss_B), mean gradient) over a batch, in `accum` micro-batches.
 
-    `examples` (xt, t_B, x0, eps, label_B or None) are drawn for the whole batch beforehand, so
-    example i gets the same t, noise and flip whatever `accum` is; only dropout masks, drawn per
-    micro-batch from `fold_in(k_drop, j)`, differ (same distribution). Micro-batch j holds
-    examples j, j + accum, j + 2 accum, ...: a batch sharded in contiguous blocks over D devices
-    splits into micro-batches that are again spread over all D (each device's block holds a whole
-    number of rows of every micro-batch when B / accum is divisible by D, which validate checks),
-    so the reshape moves no data. A lax.scan carries only the gradient sum: one micro-batch's
-    activations are live at a time.
+    `examples` (xt, t_B, x0, eps, label_B or None, example_B) are drawn for the whole batch
+    beforehand, and dropout masks are drawn per example (from `example_B`, the rows' indices), so
+    example i gets the same t, noise, flip and dropout masks whatever `accum` is.
+    Micro-batch j holds examples j, j + accum, j + 2 accum, ...: a batch sharded in contiguous
+    blocks over D devices splits into micro-batches that are again spread over all D (each
+    device's block holds a whole number of rows of every micro-batch when B / accum is divisible
+    by D, which validate checks), so the reshape moves no data. A lax.scan carries only the
+    gradient sum: one micro-batch's activations are live at a time.
     """
     if accum == 1:
-        return grad_fn(params, *examples, k_drop)
+        return grad_fn(params, *examples)
     B = examples[0].shape[0]
 
     def split(x):  # [B, ...] -> [accum, B / accum, ...]: row a * accum + j -> [j, a]
         return jnp.swapaxes(x.reshape(B // accum, accum, *x.shape[1:]), 0, 1)
 
-    def micro_step(grad_sum, inputs):
-        j, micro = inputs
-        (_, loss_b), grads = grad_fn(params, *micro, jax.random.fold_in(k_drop, j))
+    def micro_step(grad_sum, micro):
+        (_, loss_b), grads = grad_fn(params, *micro)
         return jax.tree.map(jnp.add, grad_sum, grads), loss_b
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, loss_AB = jax.lax.scan(
-        micro_step, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
+    grad_sum, loss_AB = jax.lax.scan(micro_step, zeros, jax.tree.map(split, examples))
     loss_B = jnp.swapaxes(loss_AB, 0, 1).reshape(B)  # back to the batch's order
     # Each micro-batch's gradient is of its mean loss: their mean is the batch mean's gradient.
     grads = jax.tree.map(lambda g: g / accum, grad_sum)

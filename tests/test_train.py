@@ -111,7 +111,7 @@ def test_fused_steps_equal_single_steps(eight_devices):
 
 def accum_config(accum):
     config = adam_config()
-    config.model.dropout = 0.0  # dropout masks are drawn per micro-batch: the one draw that differs
+    config.model.dropout = 0.3  # masks are drawn per example: a micro-batch sees the whole batch's
     config.training.batch_size = 32
     config.training.grad_accum_steps = accum
     return config
@@ -122,7 +122,7 @@ def test_gradient_accumulation_gives_the_same_update(eight_devices):
     data = batches(accum_config(1), 2)
     _, whole, m1 = run(accum_config(1), jax.devices(), data)
     step4, accum, m4 = run(accum_config(4), jax.devices(), data)
-    # Same t, noise and flips per example; only the order of the gradient sums differs.
+    # Same t, noise, flips and dropout masks per example; only the order of the sums differs.
     for key in ("loss", "grad_norm", *(f"loss_t_q{q}_sum" for q in range(4))):
         np.testing.assert_allclose(m1[key], m4[key], rtol=2e-6, err_msg=key)
     for key in (f"loss_t_q{q}_count" for q in range(4)):
