@@ -110,22 +110,6 @@ def test_label_dropout_rate_and_sharding_independence():
     np.testing.assert_array_equal(np.asarray(drop(sharded, jax.random.key(3))), dropped)
 
 
-def test_conditional_training_is_the_same_on_one_and_eight_devices():
-    """test_train's 1-vs-8-device check with labels in the batch and a third of them dropped."""
-    from test_train import adam_config, run
-
-    config = adam_config()
-    config.model.num_classes, config.model.label_dropout = 3, 0.3
-    rng = np.random.default_rng(0)
-    data = [{"image": rng.uniform(-1, 1, (1, 8, 8, 8, 3)).astype(np.float32),
-             "label": rng.integers(0, 3, (1, 8)).astype(np.int32)} for _ in range(2)]
-    _, s1, m1 = run(config, jax.devices()[:1], data)
-    _, s8, m8 = run(config, jax.devices(), data)
-    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 s1.params, s8.params)
-
-
 # ---------------------------------------------------------------------------------------------
 # Guidance
 
@@ -379,10 +363,11 @@ def test_resume_is_exact_and_sample_mode_draws_one_class(tmp_path):
     config.data.source, config.data.labels = "folder", "subdirs"
     config.data.path = str(two_class_folder(tmp_path / "data", per_class=8))
     config.model.num_classes = 2
-    config.training.num_train_steps = config.training.sample_every_steps = 2
+    config.training.num_train_steps = 2  # the grid at step 4 (sample_every_steps) draws classes
     train.train_and_evaluate(config, str(tmp_path / "w"))
     config.training.num_train_steps = 4
     resumed = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "w")))
+    config.training.sample_every_steps = 100  # the reference run needs no grid
     straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "straight")))
     for name in ("params", "ema_params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(straight, name),
