@@ -322,22 +322,12 @@ def test_tiny_model_trained_on_two_classes_draws_the_class_asked_for(tmp_path, m
     """White bars on red (class 1) and yellow squares on blue (class 0): label k gives class-k
     images, and the class names travel with the checkpoint. On one device, as
     tests/test_learning.py explains."""
-    make_mesh = sharding.make_mesh
-    monkeypatch.setattr(sharding, "make_mesh",
-                        lambda devices=None: make_mesh(jax.devices()[:1] if devices is None
-                                                       else devices))
-    config = tiny_config()
-    config.data.source, config.data.labels, config.data.random_flip = "folder", "subdirs", False
-    config.data.path = str(two_class_folder(tmp_path / "data"))
+    from test_learning import learning_config, on_one_device
+
+    on_one_device(monkeypatch)
+    config = learning_config(str(two_class_folder(tmp_path / "data")), batch_size=16)
+    config.data.labels = "subdirs"
     config.model.num_classes, config.model.label_dropout = 2, 0.1
-    config.model.attn_resolutions, config.model.dropout = (), 0.0
-    config.diffusion.num_timesteps = 100
-    config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 20
-    config.training.batch_size, config.training.ema_decay = 16, 0.99
-    t = config.training
-    t.num_train_steps = t.log_every_steps = t.eval_every_steps = 300
-    t.checkpoint_every_steps = t.sample_every_steps = 300
-    config.sampling.sampler, config.sampling.num_steps = "ddpm", 0  # ancestral, all T steps
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert config.data.class_names == ()  # the caller's config is left alone
     assert "traced and compiled again" not in caplog.text  # labels in the batch: one compile

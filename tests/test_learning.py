@@ -35,34 +35,43 @@ def nearest(samples: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return rmse.min(axis=1), rmse.argmin(axis=1)
 
 
-def learn_patterns(tmp_path, monkeypatch, norm_groups: int) -> np.ndarray:
-    """Train a tiny RGB model from a folder of the patterns (12 copies each), as a user would,
-    then draw 32 ancestral samples from its checkpoint.
-
-    On one device, as a laptop user runs it: over 300 steps XLA:CPU's in-process all-reduce across
-    the 8 fake devices can starve on 2 cores and abort ("only 7 of them arrived on time"; 3 of 6
-    runs on a loaded machine). Device-count invariance has its own tests.
-    """
+def on_one_device(monkeypatch) -> None:
+    """Train on one device, as a laptop user does: over 300 steps XLA:CPU's in-process all-reduce
+    across the 8 fake devices can starve on 2 cores and abort ("only 7 of them arrived on time";
+    3 of 6 runs on a loaded machine). Device-count invariance has its own tests."""
     make_mesh = sharding.make_mesh
     monkeypatch.setattr(sharding, "make_mesh",
                         lambda devices=None: make_mesh(jax.devices()[:1] if devices is None
                                                        else devices))
+
+
+def learning_config(data_path: str, batch_size: int):
+    """tiny_config for 300 steps on a folder of a few fixed images: no attention, dropout, flips
+    or in-between logging; sampled with the ancestral sampler over all T = 100 steps."""
+    config = tiny_config()
+    config.data.source, config.data.path, config.data.random_flip = "folder", data_path, False
+    config.model.attn_resolutions, config.model.dropout = (), 0.0
+    config.diffusion.num_timesteps = 100
+    config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 20
+    config.training.batch_size, config.training.ema_decay = batch_size, 0.99
+    t = config.training
+    t.num_train_steps = t.log_every_steps = t.eval_every_steps = 300
+    t.checkpoint_every_steps = t.sample_every_steps = 300
+    config.sampling.sampler, config.sampling.num_steps = "ddpm", 0  # ancestral, all T steps
+    return config
+
+
+def learn_patterns(tmp_path, monkeypatch, norm_groups: int) -> np.ndarray:
+    """Train a tiny RGB model from a folder of the patterns (12 copies each), as a user would,
+    then draw 32 ancestral samples from its checkpoint."""
+    on_one_device(monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
     for i, img in enumerate(patterns()):
         for copy in range(12):
             Image.fromarray(img).save(data / f"pattern{i}_{copy:02d}.png")
-    config = tiny_config()
-    config.data.source, config.data.path, config.data.random_flip = "folder", str(data), False
-    config.model.attn_resolutions, config.model.dropout = (), 0.0
+    config = learning_config(str(data), batch_size=32)
     config.model.norm_groups = norm_groups
-    config.diffusion.num_timesteps = 100
-    config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 20
-    config.training.batch_size, config.training.ema_decay = 32, 0.99
-    t = config.training
-    t.num_train_steps = t.log_every_steps = t.eval_every_steps = 300
-    t.checkpoint_every_steps = t.sample_every_steps = 300
-    config.sampling.sampler, config.sampling.num_steps = "ddpm", 0  # ancestral, all T steps
     train.train_and_evaluate(config, str(tmp_path / "run"))
     return sampling.Sampler.from_workdir(str(tmp_path / "run")).sample(32, seed=1)
 
