@@ -151,9 +151,8 @@ def train_step(
 
     All randomness comes from `fold_in(rng, step)`, drawn at the global batch shape (dropout per
     example: `unet.dropout`), so the result does not depend on how many devices the batch is split
-    over. With
-    `training.grad_accum_steps` = A > 1 the gradient is summed over A micro-batches of B / A
-    (see `_loss_and_grad`), which gives the same update with 1/A of the activation memory.
+    over. With `training.grad_accum_steps` = A > 1 the gradient is summed over A micro-batches of
+    B / A (see `_loss_and_grad`), which gives the same update with 1/A of the activation memory.
     """
     batch_uint8, label_B = split_batch(batch)
     step_key = jax.random.fold_in(rng, state.step)
