@@ -4,10 +4,18 @@ import_weights (theirs -> ours) and export (ours -> theirs).
 * `layer_plan`: every layer of our U-Net with its name in diffusers' state_dict and its scope in
   the DDPM release (TF; pesser/pytorch_diffusion's names are the same with dots): the three share
   one structure, so one table serves all three formats.
-* `to_ours`: source tensors (torch or TF layout) into our parameter tree.
-* `unet_fields`: a UNet2DModel config.json as our model fields, or a one-line refusal naming the
-  field that computes something our U-Net does not.
-* `scheduler_fields`: a DDPMScheduler config as our diffusion and sampling fields.
+* `to_ours` / `to_torch`: source tensors (torch or TF layout) into our parameter tree, and our
+  tree into UNet2DModel's state_dict (each the other's exact inverse: transposes only).
+* `unet_fields` / `unet_config`: a UNet2DModel config.json as our model fields, and back; each
+  refuses in one line, naming the field, what the other side does not compute.
+* `scheduler_fields` / `scheduler_config`: a DDPMScheduler config as our diffusion and sampling
+  fields, and back (with the betas diffusers computes from it checked against ours).
+
+A class-conditional U-Net maps to UNet2DModel's class embedding (class_embed_type null,
+num_class_embeds): both add a learned [classes, 4 ch] table's row to the time embedding after its
+MLP, before any res block. Ours has num_classes + 1 rows, the last the null class (no label), so
+the export's num_class_embeds is num_classes + 1 and diffusers' class_labels=num_classes draws
+unconditionally; an import takes the last row as the null class.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ import math
 import re
 
 import numpy as np
+
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers this layout was checked against
+PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # ours: diffusers'
 
 
 class LayoutError(ValueError):
@@ -126,6 +137,8 @@ def to_ours(tensors: dict, plan, name_of, torch_layout: bool, describe: str) -> 
         if kind == "norm":
             scale, bias = ("weight", "bias") if torch_layout else ("gamma", "beta")
             layer = {"scale": fetch(module, scale), "bias": fetch(module, bias)}
+        elif kind == "embed":  # nn.Embedding's [rows, dim] is nn.Embed's
+            layer = {"embedding": fetch(module, "weight")}
         else:
             w = fetch(module, "weight" if torch_layout else "W")
             if torch_layout:  # [out, in, kh, kw] -> [kh, kw, in, out]; Linear [out, in]
@@ -142,6 +155,56 @@ def to_ours(tensors: dict, plan, name_of, torch_layout: bool, describe: str) -> 
         raise LayoutError(f"{describe}: tensor {unused[0]!r} has no place in DDPM's U-Net "
                           f"({len(unused)} such tensors); not a DDPM model of this layout")
     return params
+
+
+def to_torch(params, plan) -> dict[str, np.ndarray]:
+    """UNet2DModel's state_dict (NumPy, torch layout) from our parameter tree: `to_ours`'s
+    inverse, so export then import gives back every parameter bit for bit."""
+    tensors, used = {}, 0
+    for ours, _, hf, kind in plan:
+        layer = params
+        for part in ours.split("/"):
+            layer = layer[part]
+        layer = {k: np.asarray(v, np.float32) for k, v in layer.items()}
+        used += len(layer)
+        if kind == "norm":
+            weight, bias = layer["scale"], layer["bias"]
+        elif kind == "embed":
+            weight, bias = layer["embedding"], None
+        else:
+            weight, bias = layer["kernel"], layer["bias"]
+            if weight.ndim == 4:  # [kh, kw, in, out] -> [out, in, kh, kw]
+                weight = weight.transpose(3, 2, 0, 1)
+            elif kind == "dense" and hf.endswith("conv_shortcut"):  # a 1x1 Conv2d in diffusers
+                weight = weight.T[:, :, None, None]
+            else:  # Linear: [in, out] -> [out, in]
+                weight = weight.T
+        tensors[f"{hf}.weight"] = np.ascontiguousarray(weight)
+        if bias is not None:
+            tensors[f"{hf}.bias"] = bias
+    total = sum(1 for _ in _leaves(params))
+    if used != total:
+        raise LayoutError(f"{total - used} of our {total} parameters have no place in "
+                          "UNet2DModel's layout")
+    return tensors
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def diffusers_plan(model: dict, attn_levels) -> list[tuple]:
+    """`layer_plan` of a UNet2DModel with our `model` fields, its class embedding included."""
+    widths = [model["ch"] * m for m in model["ch_mult"]]
+    plan = layer_plan(len(widths), model["num_res_blocks"], attn_levels,
+                      lambda kind, i, j: j == 0 and i > 0 and widths[i] != widths[i - 1])
+    if model.get("num_classes"):
+        plan.insert(3, ("label_emb", None, "class_embedding", "embed"))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +234,8 @@ DIFFUSERS_REQUIRED = dict(
     downsample_type=("conv", "DDPM downsamples with a stride-2 convolution"),
     upsample_type=("conv", "DDPM upsamples by nearest neighbour and a convolution"),
     resnet_time_scale_shift=("default", "DDPM adds the timestep embedding (no scale-shift)"),
-    class_embed_type=(None, "DDPM's U-Net is unconditional"),
-    num_class_embeds=(None, "DDPM's U-Net is unconditional"),
+    class_embed_type=(None, "our labels index a table added to the time embedding "
+                            "(class_embed_type null, with num_class_embeds)"),
     norm_eps=(1e-6, "DDPM's GroupNorm epsilon is 1e-6"),
 )
 
@@ -208,9 +271,16 @@ def unet_fields(cfg: dict, describe: str) -> tuple[dict, dict, list]:
         refuse(describe, "attn_norm_num_groups", c["attn_norm_num_groups"],
                f"our attention normalises with norm_num_groups={groups}")
     size = _sample_size(c.get("sample_size"), describe)
+    side = min(size) if isinstance(size, list) else size  # attention goes by the shorter side
     model = dict(ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=c["layers_per_block"],
-                 attn_resolutions=[size // 2**i for i in attn_levels], dropout=c["dropout"],
+                 attn_resolutions=[side // 2**i for i in attn_levels], dropout=c["dropout"],
                  norm_groups=groups)
+    rows = c["num_class_embeds"]
+    if rows is not None:
+        if not isinstance(rows, int) or rows < 2:
+            refuse(describe, "num_class_embeds", rows, "expected the classes and a null class "
+                   "(the last row), at least 2")
+        model["num_classes"] = rows - 1
     return model, dict(image_size=size, channels=c["in_channels"]), attn_levels
 
 
@@ -235,11 +305,12 @@ def _attention_levels(c: dict, widths: list, describe: str) -> list[int]:
     return attn_levels
 
 
-def _sample_size(size, describe: str) -> int:
+def _sample_size(size, describe: str) -> int | list[int]:
+    """The image size: an int (square) or [height, width]."""
     if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            refuse(describe, "sample_size", size, "our images are square")
-        size = size[0]
+        if len(size) != 2 or not all(isinstance(s, int) for s in size):
+            refuse(describe, "sample_size", size, "expected [height, width]")
+        return size[0] if size[0] == size[1] else list(size)
     if not isinstance(size, int):
         refuse(describe, "sample_size", size, "expected the image size")
     return size
@@ -269,7 +340,7 @@ def scheduler_fields(s: dict | None, describe: str, image_size: int) -> tuple[di
         schedule = "cosine"
     else:
         refuse(describe, "beta_schedule", name, "expected linear or squaredcos_cap_v2")
-    prediction = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(
+    prediction = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}.get(
         s.get("prediction_type", "epsilon"))
     if prediction is None:
         refuse(describe, "prediction_type", s["prediction_type"], "expected epsilon, sample or "
@@ -290,8 +361,89 @@ def scheduler_fields(s: dict | None, describe: str, image_size: int) -> tuple[di
 def from_diffusers(cfg: dict, tensors: dict, describe: str) -> tuple[dict, dict, dict]:
     """(model fields, data fields, our params) of a UNet2DModel's config and state_dict."""
     model, data, attn_levels = unet_fields(cfg, f"{describe} config.json")
-    widths = [model["ch"] * m for m in model["ch_mult"]]
-    plan = layer_plan(len(widths), model["num_res_blocks"], attn_levels,
-                      lambda kind, i, j: j == 0 and i > 0 and widths[i] != widths[i - 1])
+    plan = diffusers_plan(model, attn_levels)
     return model, data, to_ours(tensors, plan, lambda tf, hf: hf, True, describe)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours -> diffusers' configs (export)
+
+
+def unet_config(model: dict, image_size, channels: int) -> dict:
+    """The UNet2DModel config.json that computes our U-Net of `model` fields (ch, ch_mult,
+    num_res_blocks, attn_resolutions, dropout, norm_groups resolved, num_classes) on images of
+    `image_size` (an int or (height, width)) with `channels` channels. Read back by
+    `unet_fields`, it gives the same network, or this refuses naming our setting."""
+    ch, mult = model["ch"], list(model["ch_mult"])
+    if mult[0] != 1:
+        raise LayoutError(f"model.ch_mult={tuple(mult)}: not expressible in UNet2DModel, whose "
+                          "conv_in and timestep embedding are as wide as its first level "
+                          "(block_out_channels[0]); ours are model.ch wide, so ch_mult[0] must "
+                          "be 1")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    levels = [i for i in range(len(mult)) if min(h, w) // 2**i in model["attn_resolutions"]]
+    num_classes = model.get("num_classes", 0)
+    cfg = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+           **{field: value for field, (value, _) in DIFFUSERS_REQUIRED.items()},
+           "sample_size": h if h == w else [h, w], "in_channels": channels,
+           "out_channels": channels, "time_embedding_dim": None, "act_fn": "silu",
+           "block_out_channels": [ch * m for m in mult],
+           "down_block_types": ["AttnDownBlock2D" if i in levels else "DownBlock2D"
+                                for i in range(len(mult))],
+           "up_block_types": ["AttnUpBlock2D" if i in levels else "UpBlock2D"
+                              for i in reversed(range(len(mult)))],
+           "layers_per_block": model["num_res_blocks"], "dropout": float(model["dropout"]),
+           "attention_head_dim": None, "norm_num_groups": model["norm_groups"],
+           "attn_norm_num_groups": None,
+           "num_class_embeds": num_classes + 1 if num_classes else None}
+    back, _, back_levels = unet_fields(cfg, "the exported config.json")
+    if back_levels != levels or back.get("num_classes", 0) != num_classes or any(
+            back[k] != model[k] for k in ("ch", "ch_mult", "num_res_blocks", "norm_groups")):
+        raise LayoutError(f"the exported config.json does not read back as model {model}")
+    return cfg
+
+
+def diffusers_betas(cfg: dict) -> np.ndarray:
+    """The betas DDPMScheduler computes from a scheduler config, in float64 (diffusers rounds
+    them to float32): torch.linspace for linear, betas_for_alpha_bar for squaredcos_cap_v2."""
+    T = cfg["num_train_timesteps"]
+    if cfg["beta_schedule"] == "linear":
+        return np.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=np.float64)
+    if cfg["beta_schedule"] == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999)
+                         for i in range(T)])
+    raise LayoutError(f"beta_schedule={cfg['beta_schedule']!r}: expected linear or "
+                      "squaredcos_cap_v2")
+
+
+def scheduler_config(diffusion: dict, sampling: dict, our_betas: np.ndarray) -> dict:
+    """DDPMScheduler's config for our `diffusion` and `sampling` fields; `our_betas` (float64,
+    diffusion.beta_schedule's) must be what diffusers computes from it, else this refuses."""
+    T, schedule = diffusion["num_timesteps"], diffusion["beta_schedule"]
+    names = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+    if schedule not in names:
+        raise LayoutError(f"diffusion.beta_schedule={schedule!r}: DDPMScheduler has no such "
+                          "schedule")
+    scale = 1000.0 / T  # our linear schedule keeps DDPM's end points for any T
+    cfg = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+           "num_train_timesteps": T, "beta_start": scale * 1e-4, "beta_end": scale * 0.02,
+           "beta_schedule": names[schedule], "trained_betas": None,
+           "variance_type": sampling["variance"], "clip_sample": bool(sampling["clip_x0"]),
+           "prediction_type": PREDICTION_TYPES[diffusion["prediction"]],
+           "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0,
+           "sample_max_value": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
+           "rescale_betas_zero_snr": False}
+    if schedule == "cosine":  # not read by squaredcos_cap_v2
+        cfg.update(beta_start=0.0001, beta_end=0.02)
+    theirs = diffusers_betas(cfg)
+    worst = float(np.max(np.abs(theirs - our_betas) / our_betas))
+    # 1 - f(t2)/f(t1) cancels: float64 rounding reaches ~1e-13 relative at T = 4000; another
+    # formula (e.g. another offset s) is off by more than 1e-4.
+    if worst > 1e-9:
+        raise LayoutError(f"diffusion.beta_schedule={schedule!r}: diffusers' {names[schedule]} "
+                          f"betas differ from ours (relative {worst:.1e}); not exportable")
+    return cfg

@@ -45,7 +45,15 @@ def read_diffusers(folder: str) -> Imported:
     sched_path = next((p for p in sched_paths if os.path.exists(p)), None)
     sched = read_json(sched_path) if sched_path else None
     diffusion, sampling, note = layout.scheduler_fields(sched, folder, data["image_size"])
-    return Imported(model, data, diffusion, sampling, params, [note])
+    notes = [note]
+    if model.get("num_classes"):
+        k = model["num_classes"]
+        # A labelled source for the config check; the user names the real one (read_source's
+        # note) before training or --mode=eval on it.
+        data.update(source="tfds", name="")
+        notes.append(f"class-conditional: num_class_embeds={k + 1} rows, read as {k} classes "
+                     f"and the null class (row {k}, as ddpm_jax's export writes it)")
+    return Imported(model, data, diffusion, sampling, params, notes)
 
 
 def read_torch_tensors(path: str) -> dict[str, np.ndarray]:
