@@ -19,6 +19,10 @@ cosine, several T), which tests/test_export.py compares with ours:
 
     PYTHONPATH=$PWD python benchmarks/export_diffusers_parity.py --torch_python \
         /tmp/export-venv/bin/python --betas_fixture tests/fixtures/reference/diffusers_betas.npz
+    cp -r /tmp/export-parity/export_small tests/fixtures/reference/
+
+Every export folder gets diffusers' output in `outputs.npz`; the smallest one is committed as
+tests/fixtures/reference/export_small (written with torch 2.13.0+cpu and diffusers 0.42.1).
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ import numpy as np
 BETAS_FIXTURE = [(schedule, T) for schedule in ("linear", "cosine") for T in (20, 37, 1000)]
 RUNS = {  # name: (config overrides)
     "uncond": dict(image_size=32, ch=32, ch_mult=(1, 2, 2), attn=(16,), classes=0,
-                   prediction="eps", schedule="linear"),
+                   prediction="eps", schedule="linear", res=2, groups=8),
     "cond": dict(image_size=(16, 24), ch=32, ch_mult=(1, 2), attn=(8,), classes=4,
-                 prediction="v", schedule="cosine"),
+                 prediction="v", schedule="cosine", res=2, groups=8),
+    # Committed as tests/fixtures/reference/export_small (0.7 MB): test_export's parity test.
+    "export_small": dict(image_size=(8, 12), ch=16, ch_mult=(1, 2), attn=(4,), classes=3,
+                         prediction="v", schedule="cosine", res=1, groups=4),
 }
 
 
@@ -60,8 +67,8 @@ def jax_stage(root: str) -> None:
     for name, o in RUNS.items():
         config = default.get_config()
         config.data.image_size = o["image_size"]
-        config.model.update(ch=o["ch"], ch_mult=o["ch_mult"], num_res_blocks=2,
-                            attn_resolutions=o["attn"], dropout=0.0, norm_groups=8,
+        config.model.update(ch=o["ch"], ch_mult=o["ch_mult"], num_res_blocks=o["res"],
+                            attn_resolutions=o["attn"], dropout=0.0, norm_groups=o["groups"],
                             attention_impl="xla", num_classes=o["classes"])
         config.diffusion.update(prediction=o["prediction"], beta_schedule=o["schedule"])
         model = unet.from_config(config)
@@ -136,6 +143,8 @@ def torch_stage(root: str, betas_fixture: str | None) -> dict:
         r["samples"] = f"{images.shape}, finite {bool(np.isfinite(images).all())}, range " \
                        f"[{images.min():.3f}, {images.max():.3f}]"
         report[name] = r
+        np.savez(os.path.join(folder, "outputs.npz"), x_NCHW=ref["x_NCHW"], t=ref["t"],
+                 out_NCHW=out, **({} if labels is None else {"labels": ref["labels"]}))
     print(json.dumps(report, indent=2))
     if betas_fixture:
         with open(os.path.join(root, "betas_configs.json")) as f:

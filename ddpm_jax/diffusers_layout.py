@@ -396,7 +396,8 @@ def unet_config(model: dict, image_size, channels: int) -> dict:
            "layers_per_block": model["num_res_blocks"], "dropout": float(model["dropout"]),
            "attention_head_dim": None, "norm_num_groups": model["norm_groups"],
            "attn_norm_num_groups": None,
-           "num_class_embeds": num_classes + 1 if num_classes else None}
+           "num_class_embeds": num_classes + 1 if num_classes else None,
+           "num_train_timesteps": None}  # read by time_embedding_type='learned' only
     back, _, back_levels = unet_fields(cfg, "the exported config.json")
     if back_levels != levels or back.get("num_classes", 0) != num_classes or any(
             back[k] != model[k] for k in ("ch", "ch_mult", "num_res_blocks", "norm_groups")):

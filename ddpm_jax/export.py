@@ -40,19 +40,17 @@ class ExportError(ValueError):
     """A work directory, destination or Hub target that cannot be exported to."""
 
 
-def read_config(workdir: str) -> tuple[dict, int]:
-    """(the saved config as a dict, the newest checkpoint step) of `workdir`."""
+def read_config(workdir: str) -> dict:
+    """The config saved with `workdir`'s newest checkpoint, as a dict."""
     from ddpm_jax import checkpoint
 
     if not os.path.isdir(workdir):
         raise ExportError(f"--workdir {workdir}: no such directory")
     try:
-        saved = checkpoint.newest_saved_config(workdir)
+        return checkpoint.newest_saved_config(workdir)
     except checkpoint.CheckpointError:
         raise ExportError(f"--workdir {workdir}: no checkpoint in {workdir}/checkpoints; train "
                           "first, or check --workdir") from None
-    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    return saved, max(steps)
 
 
 def model_fields(config: dict) -> dict:
@@ -72,7 +70,7 @@ def diffusers_configs(config: dict) -> tuple[dict, dict]:
 
     d = config["diffusion"]
     unet_cfg = layout.unet_config(model_fields(config), config["data"]["image_size"],
-                                  config["data"]["channels"])
+                                  config["data"].get("channels", 3))  # 3: saved before the field
     betas = diffusion.beta_schedule(d["beta_schedule"], d["num_timesteps"])
     sched = layout.scheduler_config(d, config["sampling"], betas)
     return unet_cfg, sched
@@ -224,7 +222,7 @@ def export(workdir: str, out: str, which: str = "ema", overwrite: bool = False,
     if which not in PARAMS:
         raise ExportError(f"--params={which}: expected one of {PARAMS}")
     check_destination(out, overwrite)
-    config, _ = read_config(workdir)
+    config = read_config(workdir)
     unet_cfg, sched_cfg = diffusers_configs(config)  # every refusal comes here, or before
     if push_to_hub:
         check_hub(push_to_hub)

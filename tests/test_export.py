@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from safetensors.numpy import load_file
 
 from ddpm_jax import (
     checkpoint,
@@ -309,3 +310,31 @@ def test_push_to_hub_unreachable_fails_in_seconds(runs, tmp_path, capsys, monkey
                         "--push_to_hub", "someone/ddpm"]) == 1
     assert time.monotonic() - start < 10
     assert_one_line_and_nothing_written(capsys, out, "cannot reach http://127.0.0.1:9")
+
+
+def test_diffusers_computes_what_we_compute_on_an_export():
+    """A committed export (class-conditional, 8x12, cosine, v) and diffusers 0.42.1's
+    UNet2DModel output on it (benchmarks/export_diffusers_parity.py): read back by the import,
+    our network gives diffusers' output to float32 rounding (1.8e-6 measured), and today's
+    export writes the same config and the same tensors bit for bit."""
+    folder = os.path.join(REPO, "tests", "fixtures", "reference", "export_small")
+    imported = import_weights.read_source(folder)
+    assert imported.model["num_classes"] == 3 and imported.data["image_size"] == [8, 12]
+    config = import_weights.make_config(imported)
+    config.model.attention_impl = "xla"
+    ref = np.load(os.path.join(folder, "outputs.npz"))
+    ours = eps(config, imported.params, jnp.asarray(ref["x_NCHW"].transpose(0, 2, 3, 1)),
+               jnp.asarray(ref["t"]), jnp.asarray(ref["labels"]))
+    np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), ref["out_NCHW"], atol=3e-5, rtol=0)
+
+    with open(os.path.join(folder, "unet", "config.json")) as f:
+        committed = json.load(f)
+    model = imported.model
+    assert diffusers_layout.unet_config(model, (8, 12), 3) == committed
+    levels = [i for i, b in enumerate(committed["down_block_types"]) if b.startswith("Attn")]
+    tensors = diffusers_layout.to_torch(imported.params,
+                                        diffusers_layout.diffusers_plan(model, levels))
+    theirs = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    assert tensors.keys() == theirs.keys()
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
