@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, layout.LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. --out on a read-only or full disk: nothing was left behind
+        print(f"error: cannot write --out {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"Exported {args.workdir} step {s['step']} ({s['params']} params, {s['num_params']:,} "
           f"parameters in {s['tensors']} tensors) to {args.out}"
           + (f"; sample grid {s['grid']}" if s["grid"] else "; no sample grid in the workdir"))

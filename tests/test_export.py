@@ -338,3 +338,22 @@ def test_diffusers_computes_what_we_compute_on_an_export():
     assert tensors.keys() == theirs.keys()
     for name, value in theirs.items():
         np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+
+
+def test_import_then_export_gives_back_diffusers_own_folder(tmp_path):
+    """diffusers' save_pretrained of a UNet2DModel in DDPM's layout (the import's fixture),
+    imported and exported again: the same config.json and scheduler_config.json, key for key,
+    and the same tensors bit for bit."""
+    source = os.path.join(REPO, "tests", "fixtures", "reference", "unet_small")
+    assert import_weights.main([source, "--workdir", str(tmp_path / "run")]) == 0
+    out = tmp_path / "export"
+    assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    for theirs, ours in (("config.json", "unet/config.json"),
+                         ("scheduler_config.json", "scheduler/scheduler_config.json")):
+        with open(os.path.join(source, theirs)) as f, open(out / ours) as g:
+            assert json.load(g) == json.load(f)
+    original = load_file(os.path.join(source, "diffusion_pytorch_model.safetensors"))
+    exported = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert exported.keys() == original.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
