@@ -7,8 +7,9 @@ The modules, each importing only those above it:
   decode.py       one image -> uint8 pixels (RGB or grey, fit to size); a thread-pool Decoder
   sources.py      folder / tfds / embedded faces, opened as a `Source` by `open_source`
   split.py        the held-out eval examples, the (seed, step) epoch order, a process's rows
+  store.py        decoded images by index: the in-memory cache, stand-ins for unreadable files
   prefetch.py     PrefetchIterator: batches built ahead on a daemon thread
-  dataset.py      ImageDataset and create_datasets
+  dataset.py      create_datasets and ImageDataset (order, per-process rows, iterate)
   model_input.py  to_model_input: uint8 batches -> [-1, 1] floats, random flips (on device)
 """
 

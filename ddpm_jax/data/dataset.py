@@ -1,16 +1,16 @@
 """The training dataset: images ordered by (seed, step) alone, sliced per process, prefetched.
 
-`create_datasets` opens the source `config.data` names, holds out the eval images, checks that
-enough usable data is left, and returns an `ImageDataset` over the rest; see split.py for the
-order and sources.py for the sources. Images stay uint8 on the host; scaling to [-1, 1] and
-random flips happen on device (model_input.to_model_input).
+`create_datasets` opens the source `config.data` names (sources.py), holds out the eval images
+(split.py), checks that enough usable data is left, and returns an `ImageDataset` over the rest.
+Images stay uint8 on the host; scaling to [-1, 1] and random flips happen on device
+(model_input.py).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
+import functools
 import logging
-import threading
 from typing import Any, Self
 
 import jax
@@ -18,6 +18,7 @@ import numpy as np
 
 from ddpm_jax.data import decode, prefetch, sources, split
 from ddpm_jax.data.settings import InputError, Settings, image_hw, read_settings
+from ddpm_jax.data.store import ImageStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,17 @@ def create_datasets(
     s = read_settings(data_config)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    _check_processes(global_batch_size, process_index, process_count)
+    decoder = decode.Decoder.start(image_hw(s.image_size), s.channels, s.resize, s.num_workers)
+    try:
+        return _build(s, decoder, seed, global_batch_size, process_index, process_count,
+                      num_classes)
+    except BaseException:
+        decoder.close()
+        raise
+
+
+def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> None:
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise InputError(f"global_batch_size={global_batch_size!r} must be a positive integer")
     if global_batch_size % process_count:
@@ -52,28 +64,98 @@ def create_datasets(
     if not 0 <= process_index < process_count:
         raise InputError(f"process_index={process_index} is not in [0, {process_count})")
 
-    pool = (
-        concurrent.futures.ThreadPoolExecutor(s.num_workers, thread_name_prefix="input-decode")
-        if s.num_workers > 1
-        else None
-    )
-    decoder = decode.Decoder(image_hw(s.image_size), s.channels, s.resize, pool, s.num_workers)
-    try:
-        return _build(s, decoder, seed, global_batch_size, process_index, process_count,
-                      num_classes)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise
 
+def _build(
+    s: Settings,
+    decoder: decode.Decoder,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    num_classes: int = 0,
+) -> tuple[ImageDataset, np.ndarray]:
+    """create_datasets after its argument checks, with the decoder it started."""
+    source = sources.open_source(s, decoder.pool, num_classes)
+    hold_out = not (s.source == "tfds" and s.eval_split)
+    n_usable = int(source.usable.sum())
+    n_held = split.eval_hold_out(s, n_usable) if hold_out else 0
+    _check_usable(s, source, n_usable, n_held)  # before decoding anything
+    held = _eval_images(s, source, decoder, hold_out, n_held, num_classes)
+    in_train = source.usable.copy()
+    in_train[held.ids] = False
+    in_train[held.failed_ids] = False
+    train_ids = np.flatnonzero(in_train).astype(np.int64)
+    skipped = len(source.items) - n_usable + held.num_failed
+    _check_training_left(source, held, train_ids, n_held, skipped, global_batch_size)
+    cache = _use_cache(s, source, decoder, len(train_ids), len(held.images), skipped)
+    store = ImageStore(source, decoder, train_ids, cache=cache, skipped_files=skipped)
+    dataset = ImageDataset(
+        store,
+        train_ids,
+        held.ids,
+        seed=seed % 2**64,  # default_rng needs a non-negative seed
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        prefetch=s.prefetch,
+        eval_labels=held.labels,
+    )
+    return dataset, held.images
+
+
+def _check_usable(s: Settings, source: sources.Source, n_usable: int, n_held: int) -> None:
+    """Raises unless a training image is left after holding out n_held; logs a folder's split."""
+    if n_usable < n_held + 1:
+        raise InputError(
+            f"{source.key}: {n_usable} usable images (of {len(source.items)}; "
+            f"{len(source.items) - n_usable} unreadable) leave no training image after "
+            f"num_eval_examples={n_held}"
+        )
+    if s.source == "folder":
+        logger.info(
+            "%s: %d usable images, %d held out for the validation loss (data.folder_eval_fraction"
+            "=%g of them, at most data.num_eval_examples=%d)%s",
+            source.key, n_usable, n_held, s.folder_eval_fraction, s.num_eval_examples,
+            "" if n_held else "; no validation loss",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalImages:
+    """The eval images, and what choosing them took from the training source."""
+
+    images: np.ndarray  # uint8 [n_eval, H, W, C]
+    labels: np.ndarray | None  # int32 [n_eval], when the source has labels
+    ids: np.ndarray  # int64: their indices in the training source (none from a tfds eval_split)
+    failed_ids: np.ndarray  # int64: training-source examples that failed to decode meanwhile
+    num_failed: int  # unreadable examples met, an eval split's included
+
+
+def _eval_images(s: Settings, source: sources.Source, decoder: decode.Decoder, hold_out: bool,
+                 n_held: int, num_classes: int) -> _EvalImages:
+    """n_held images held out of `source`, or (without hold_out) those of the tfds eval_split."""
+    none = np.zeros(0, np.int64)
+    if hold_out:
+        order = split.hold_out_order(len(source.items))
+        ids, images, failed = split.take_decodable(
+            source, order[source.usable[order]], n_held, decoder
+        )
+        labels = None if source.labels is None else source.labels[ids].astype(np.int32)
+        return _EvalImages(images, labels, ids, np.array(failed, np.int64), len(failed))
+    if s.num_eval_examples:
+        images, labels, n_failed = _eval_from_split(s, decoder, num_classes)
+        return _EvalImages(images, labels, none, none, n_failed)
+    labels = None if source.labels is None else np.zeros(0, np.int32)
+    return _EvalImages(np.zeros((0, *decoder.shape), np.uint8), labels, none, none, 0)
 
 
 def _eval_from_split(s: Settings, decoder: decode.Decoder,
                      num_classes: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     """The first num_eval_examples images of the tfds eval_split -> (images, their labels if
     num_classes, unreadable count)."""
-    eval_source = sources.open_tfds(s.name, s.eval_split, s.data_dir, limit=s.num_eval_examples,
-                             label_key=s.label_key * bool(num_classes))
+    eval_source = sources.open_tfds(s.name, s.eval_split, s.data_dir,
+                                    limit=s.num_eval_examples,
+                                    label_key=s.label_key * bool(num_classes))
     sources.check_labels(eval_source, num_classes)
     ids, images, failed = split.take_decodable(
         eval_source, np.arange(len(eval_source.items)), s.num_eval_examples, decoder
@@ -87,73 +169,34 @@ def _eval_from_split(s: Settings, decoder: decode.Decoder,
     return images, labels, len(failed)
 
 
-def _build(
-    s: Settings,
-    decoder: decode.Decoder,
-    seed: int,
-    global_batch_size: int,
-    process_index: int,
-    process_count: int,
-    num_classes: int = 0,
-) -> tuple[ImageDataset, np.ndarray]:
-    source = sources.open_source(s, decoder.pool, num_classes)
-    hold_out = not (s.source == "tfds" and s.eval_split)
-    n_usable = int(source.usable.sum())
-    n_held = split.eval_hold_out(s, n_usable) if hold_out else 0
-    skipped = len(source.items) - n_usable
-    if n_usable < n_held + 1:  # fail before decoding anything
+def _check_training_left(source: sources.Source, held: _EvalImages, train_ids: np.ndarray,
+                         n_held: int, skipped: int, global_batch_size: int) -> None:
+    """Raises unless all eval images and a training image decoded; warns if images will repeat
+    within a batch."""
+    if len(held.images) < n_held or not len(train_ids):
         raise InputError(
-            f"{source.key}: {n_usable} usable images (of {len(source.items)}; {skipped} "
-            f"unreadable) leave no training image after num_eval_examples={n_held}"
-        )
-    if s.source == "folder":
-        logger.info(
-            "%s: %d usable images, %d held out for the validation loss (data.folder_eval_fraction"
-            "=%g of them, at most data.num_eval_examples=%d)%s",
-            source.key, n_usable, n_held, s.folder_eval_fraction, s.num_eval_examples,
-            "" if n_held else "; no validation loss",
-        )
-
-    in_train = source.usable.copy()
-    eval_ids = np.zeros(0, np.int64)
-    eval_labels = None
-    if hold_out:
-        order = split.hold_out_order(len(source.items))
-        eval_ids, eval_images, failed = split.take_decodable(
-            source, order[source.usable[order]], n_held, decoder
-        )
-        in_train[eval_ids] = False
-        in_train[failed] = False
-        skipped += len(failed)
-        if source.labels is not None:
-            eval_labels = source.labels[eval_ids].astype(np.int32)
-    elif s.num_eval_examples:
-        eval_images, eval_labels, n_failed = _eval_from_split(s, decoder, num_classes)
-        skipped += n_failed
-    else:
-        eval_images = np.zeros((0, *decoder.shape), np.uint8)
-        eval_labels = None if source.labels is None else np.zeros(0, np.int32)
-    train_ids = np.flatnonzero(in_train)
-    if len(eval_images) < n_held or not len(train_ids):
-        raise InputError(
-            f"{source.key}: {len(eval_images)} eval + {len(train_ids)} training images after "
+            f"{source.key}: {len(held.images)} eval + {len(train_ids)} training images after "
             f"{skipped} unreadable; need num_eval_examples={n_held} + at least one for training"
         )
     if len(train_ids) < global_batch_size:
-        # The order spans several epochs per batch (see global_indices): every image is in a
-        # batch about global_batch / N times, still each once per epoch.
+        # The order spans several epochs per batch (see split.global_indices): every image is in
+        # a batch about global_batch / N times, still each once per epoch.
         logger.warning(
             "%s: %d training images, fewer than global_batch_size=%d: images repeat within a "
             "batch", source.key, len(train_ids), global_batch_size,
         )
 
+
+def _use_cache(s: Settings, source: sources.Source, decoder: decode.Decoder, n_train: int,
+               n_eval: int, skipped: int) -> bool:
+    """Whether the decoded images fit `data.cache_max_gb` (with `data.cache`); logs the counts."""
     size_gb = len(source.items) * int(np.prod(decoder.shape)) / 2**30
     cache = bool(s.cache) and size_gb <= s.cache_max_gb
     logger.info(
         "%s: %d training + %d eval images at %dx%d (HxW), %d unreadable skipped; %s",
         source.key,
-        len(train_ids),
-        len(eval_images),
+        n_train,
+        n_eval,
         *decoder.shape[:2],
         skipped,
         f"caching decoded images in memory ({size_gb:.2f} GiB)"
@@ -161,35 +204,17 @@ def _build(
         else f"decoding every batch from the source (cache={s.cache}, {size_gb:.2f} GiB "
         f"vs cache_max_gb={s.cache_max_gb})",
     )
-    dataset = ImageDataset(
-        source,
-        train_ids,
-        eval_ids,
-        decoder=decoder,
-        seed=seed % 2**64,  # default_rng needs a non-negative seed
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        cache=cache,
-        skipped_files=skipped,
-        prefetch=s.prefetch,
-        eval_labels=eval_labels,
-    )
-    return dataset, eval_images
+    return cache
 
 
 class ImageDataset:
-    """Training images, ordered by (seed, step) alone; see the module docstring.
+    """Training images, ordered by (seed, step) alone; see split.py for the order.
 
     Dataset indices index the source (sorted file list / tfds split / embedded array), so
     `train_indices` and `eval_indices` (held-out, empty with a tfds eval_split) are disjoint
-    subsets of them. Decoded images are cached in memory when `cache` is set; otherwise every
-    batch is decoded from the source.
-
-    A file that passed the header probe but fails to decode later (e.g. a truncated JPEG) is
-    logged, counted in `skipped_files` and replaced, wherever it occurs, by the next decodable
-    training example in index order; that replacement is deterministic, but the count grows
-    as such files are met, and differs between processes. Its label comes with it.
+    subsets of them. Decoded images are cached in memory when the store caches; otherwise every
+    batch is decoded from the source. A file found unreadable only when decoded is counted in
+    `skipped_files` and replaced by the next decodable training example (see store.py).
 
     With labels (`class_names` non-empty), `iterate` yields {'image': ..., 'label': ...} and
     `eval_labels` holds the held-out images' classes.
@@ -197,22 +222,19 @@ class ImageDataset:
 
     def __init__(
         self,
-        source: sources.Source,
+        store: ImageStore,
         train_indices: np.ndarray,
         eval_indices: np.ndarray,
         *,
-        decoder: decode.Decoder,
         seed: int,
         global_batch_size: int,
         process_index: int,
         process_count: int,
-        cache: bool,
-        skipped_files: int,
         prefetch: int,
         eval_labels: np.ndarray | None = None,
     ):
         self.num_examples = len(train_indices)
-        self.image_shape = decoder.shape
+        self.image_shape = store.decoder.shape
         self.train_indices = np.asarray(train_indices, np.int64)
         self.eval_indices = np.asarray(eval_indices, np.int64)
         self.global_batch_size = global_batch_size
@@ -220,50 +242,32 @@ class ImageDataset:
         self.process_count = process_count
         self.seed = seed
         self.prefetch = prefetch
-        self._source = source
-        self._decoder = decoder
+        self.class_names = store.source.class_names
+        self.eval_labels = eval_labels
+        self._store = store
         local = global_batch_size // process_count
         self._local_rows = np.arange(process_index * local, (process_index + 1) * local)
-        # np.empty commits memory page by page as images are decoded into it.
-        shape = (len(source.items), *self.image_shape)
-        self._cache = np.empty(shape, np.uint8) if cache else None
-        self._filled = np.zeros(len(source.items), bool)
-        self._bad: set[int] = set()  # training ids that failed to decode after the probe
-        self._lock = threading.Lock()
-        self._skipped = skipped_files
-        self._substitute: dict[int, int] = {}  # unreadable id -> the id whose image replaced it
-        self.class_names = source.class_names
-        self.eval_labels = eval_labels
 
     @property
     def skipped_files(self) -> int:
         """Unreadable examples skipped so far (folder source; 0 for the others in practice)."""
-        return self._skipped
+        return self._store.skipped_files
 
     @property
     def cached(self) -> bool:
-        return self._cache is not None
+        return self._store.cached
 
     def global_indices(self, step: int) -> np.ndarray:
         """Dataset indices (int64 [global_batch]) of the global batch at `step`."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        n, b = self.num_examples, self.global_batch_size
-        positions = step * b + np.arange(b, dtype=np.int64)
-        epochs, offsets = np.divmod(positions, n)
-        out = np.empty(b, np.int64)
-        for epoch in np.unique(epochs):  # two at most, unless global_batch > num_examples
-            mask = epochs == epoch
-            order = split.epoch_order(self.seed, int(epoch), n)
-            out[mask] = self.train_indices[order[offsets[mask]]]
-        return out
+        return split.global_indices(self.train_indices, self.seed, step, self.global_batch_size)
+
+    def images(self, ids: np.ndarray) -> np.ndarray:
+        """uint8 [len(ids), H, W, C] for dataset indices `ids`, through the cache if enabled."""
+        return self._store.images(ids)
 
     def labels(self, ids: np.ndarray) -> np.ndarray:
         """int32 [len(ids)]: the class of each of `images(ids)` (after any replacement)."""
-        if self._source.labels is None:
-            raise ValueError(f"{self._source.key} has no labels")
-        ids = [self._substitute.get(int(i), int(i)) for i in np.asarray(ids)]
-        return self._source.labels[np.asarray(ids, np.int64)].astype(np.int32)
+        return self._store.labels(ids)
 
     def local_batch(self, step: int) -> np.ndarray:
         """uint8 [global_batch // process_count, H, W, C]: this process's slice at `step`."""
@@ -290,86 +294,34 @@ class ImageDataset:
             )
         global_shape = (steps_per_call, self.global_batch_size, *self.image_shape)
         rows = split.batch_rows(sharding, global_shape)
-
-        def produce(k: int) -> jax.Array | dict[str, jax.Array]:
-            first = start_step + k * steps_per_call
-            ids = np.concatenate(
-                [self.global_indices(first + i)[rows] for i in range(steps_per_call)]
-            )
-            local = self.images(ids).reshape(steps_per_call, len(rows), *self.image_shape)
-            images = jax.make_array_from_process_local_data(sharding, local, global_shape)
-            if not self.class_names:
-                return images
-            labels = self.labels(ids).reshape(steps_per_call, len(rows))  # after images(ids)
-            return {"image": images, "label": jax.make_array_from_process_local_data(
-                sharding, labels, global_shape[:2])}
-
+        produce = functools.partial(self._global_batch, start_step, steps_per_call, rows,
+                                    sharding)
         return prefetch.PrefetchIterator(produce, self.prefetch)
 
-    def images(self, ids: np.ndarray) -> np.ndarray:
-        """uint8 [len(ids), H, W, C] for dataset indices `ids`, through the cache if enabled."""
-        ids = np.asarray(ids, np.int64)
-        unique = np.unique(ids)
-        if self._cache is None:
-            return self._decode(unique)[np.searchsorted(unique, ids)]
-        missing = unique[~self._filled[unique]]
-        if missing.size:
-            self._cache[missing] = self._decode(missing)
-            self._filled[missing] = True
-        return self._cache[ids]
+    def _global_batch(self, start_step: int, steps_per_call: int, rows: np.ndarray,
+                      sharding: jax.sharding.NamedSharding,
+                      k: int) -> jax.Array | dict[str, jax.Array]:
+        """Call k of iterate(start_step, sharding, steps_per_call), built from this process's
+        `rows` of each global batch."""
+        global_shape = (steps_per_call, self.global_batch_size, *self.image_shape)
+        first = start_step + k * steps_per_call
+        ids = np.concatenate(
+            [self.global_indices(first + i)[rows] for i in range(steps_per_call)]
+        )
+        local = self.images(ids).reshape(steps_per_call, len(rows), *self.image_shape)
+        images = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        if not self.class_names:
+            return images
+        labels = self.labels(ids).reshape(steps_per_call, len(rows))  # after images(ids)
+        return {"image": images, "label": jax.make_array_from_process_local_data(
+            sharding, labels, global_shape[:2])}
 
     def close(self) -> None:
         """Stops the decoding threads."""
-        if self._decoder.pool is not None:
-            self._decoder.pool.shutdown(wait=False, cancel_futures=True)
+        self._store.decoder.close()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _decode(self, ids: np.ndarray) -> np.ndarray:
-        """Decodes ids (unique), replacing any that fail; see the class docstring."""
-        todo = np.array([int(i) not in self._bad for i in ids], bool)
-        images = np.empty((len(ids), *self.image_shape), np.uint8)
-        images[todo], errors = self._decoder.many(self._source.items, ids[todo])
-        for row, err in errors.items():
-            self._mark_bad(int(ids[todo][row]), err)
-        for row in np.flatnonzero([int(i) in self._bad for i in ids]):
-            images[row] = self._replacement(int(ids[row]))
-        return images
-
-    def _mark_bad(self, i: int, err: Exception) -> None:
-        with self._lock:
-            if i in self._bad:
-                return
-            self._bad.add(i)
-            self._skipped += 1
-        logger.warning(
-            "Skipping unreadable image %s (%s: %s); %d skipped so far",
-            self._source.label(i),
-            type(err).__name__,
-            err,
-            self._skipped,
-        )
-
-    def _replacement(self, i: int) -> np.ndarray:
-        """The next training example after i (cyclically, in index order) that decodes.
-        Deterministic: whether a file decodes does not depend on when it is tried."""
-        n = self.num_examples
-        pos = int(np.searchsorted(self.train_indices, i))
-        for k in range(1, n):
-            j = int(self.train_indices[(pos + k) % n])
-            if j in self._bad:
-                continue
-            if self._cache is not None and self._filled[j]:
-                self._substitute[i] = j
-                return self._cache[j].copy()
-            try:
-                image = self._decoder.one(self._source.items[j])
-                self._substitute[i] = j
-                return image
-            except Exception as err:  # noqa: BLE001 -- reported; try the next one
-                self._mark_bad(j, err)
-        raise InputError(f"{self._source.key}: none of the {n} training images can be decoded")

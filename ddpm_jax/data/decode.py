@@ -107,6 +107,22 @@ class Decoder:
     pool: concurrent.futures.ThreadPoolExecutor | None
     num_workers: int
 
+    @classmethod
+    def start(cls, size_hw: tuple[int, int], channels: int, resize: str,
+              num_workers: int) -> Decoder:
+        """A decoder with `num_workers` threads (none for 1: decodes in the caller's thread)."""
+        pool = (
+            concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="input-decode")
+            if num_workers > 1
+            else None
+        )
+        return cls(size_hw, channels, resize, pool, num_workers)
+
+    def close(self) -> None:
+        """Stops the decoding threads."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (*self.size_hw, self.channels)

@@ -64,6 +64,22 @@ def take_decodable(
     return np.array(chosen, np.int64), stacked, failed
 
 
+def global_indices(train_indices: np.ndarray, seed: int, step: int,
+                   global_batch: int) -> np.ndarray:
+    """Dataset indices (int64 [global_batch]) of the global batch at `step`: positions
+    step * global_batch + (0 .. global_batch - 1) of the epoch orders, one after another."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    n, b = len(train_indices), global_batch
+    positions = step * b + np.arange(b, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, n)
+    out = np.empty(b, np.int64)
+    for epoch in np.unique(epochs):  # two at most, unless global_batch > num_examples
+        mask = epochs == epoch
+        out[mask] = train_indices[epoch_order(seed, int(epoch), n)[offsets[mask]]]
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Positions 0..n-1 of the training set in the order epoch `epoch` visits them."""
