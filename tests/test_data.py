@@ -147,6 +147,21 @@ def test_folder_modes_sizes_and_a_corrupt_file(tmp_path, caplog):
     assert images[8].min() >= 250  # CMYK with no ink: white
 
 
+def test_load_image_reads_a_file_exactly_as_training_does(tmp_path):
+    """data.load_image is the public way to read one image file (e.g. a mask) for the model."""
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "a.jpg")
+    sixteen_bit = (np.arange(600).reshape(30, 20) * 100).astype(np.uint16)
+    Image.fromarray(sixteen_bit).save(tmp_path / "b.png")
+    for channels, resize in ((3, "center_crop"), (1, "stretch")):
+        config = color_config(tmp_path, image_size=(6, 10), channels=channels, resize=resize)
+        ds, _ = create(config, batch=1)
+        for i, name in enumerate(["a.jpg", "b.png"]):
+            image = data.load_image(str(tmp_path / name), (6, 10), resize, channels)
+            assert image.shape == (6, 10, channels) and image.dtype == np.uint8
+            np.testing.assert_array_equal(image, ds.images([i])[0])
+
+
 def test_resize_policies(tmp_path):
     # 60x20: red, green and blue vertical thirds.
     stripes = np.zeros((20, 60, 3), np.uint8)
