@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddpm_jax.input_pipeline import create_datasets
+from ddpm_jax.data import create_datasets
 
 
 def write_jpegs(root: str, count: int, size: int, seed: int) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart  # noqa: E402
-from ddpm_jax import diffusion, input_pipeline, sampling  # noqa: E402
+from ddpm_jax import data, diffusion, sampling  # noqa: E402
 
 
 def brightness(name: str, images_uint8: np.ndarray) -> None:
@@ -31,9 +31,9 @@ def brightness(name: str, images_uint8: np.ndarray) -> None:
 
 
 def main(workdir: str) -> None:
-    data = quickstart.get_config().data
-    data.num_eval_examples = 0
-    dataset, _ = input_pipeline.create_datasets(data, seed=0, global_batch_size=1)
+    data_config = quickstart.get_config().data
+    data_config.num_eval_examples = 0
+    dataset, _ = data.create_datasets(data_config, seed=0, global_batch_size=1)
     faces = dataset.images(dataset.train_indices)
     brightness("training faces", faces)
     steps = sorted(int(d[5:]) for d in os.listdir(os.path.join(workdir, "samples"))

@@ -48,8 +48,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ddpm_jax import (  # noqa: E402
+    data,
     diffusion,
-    input_pipeline,
     sampling,
     sharding,
     solvers,
@@ -268,7 +268,7 @@ def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple
     """Times the training step; returns its figures and the final state (for the samplers)."""
     model = unet.from_config(config)
     tx = train.make_optimizer(config)
-    shape, n_dev = input_pipeline.image_shape(config.data), mesh.devices.size
+    shape, n_dev = data.image_shape(config.data), mesh.devices.size
     init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=shape)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     state_sharding = sharding.replicated(mesh, jax.eval_shape(init_fn, init_rng))
@@ -354,7 +354,7 @@ def bench_sampler(config: ml_collections.ConfigDict, mesh, params, sampler: str,
     d = config.diffusion
     sched = diffusion.make_schedule(d.beta_schedule, d.num_timesteps)
     draw = sampling.make_sampler(unet.from_config(config), sched, s, d.prediction,
-                                 input_pipeline.image_shape(config.data), mesh)
+                                 data.image_shape(config.data), mesh)
     rng = jax.random.key(config.seed)
     t0 = time.perf_counter()
     draw(params, rng, num_images)  # returns a host array: already synchronised

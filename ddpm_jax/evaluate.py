@@ -47,10 +47,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import (
+    data,
     diffusion,
     fid,
     inception,
-    input_pipeline,
     likelihood,
     sampling,
     sharding,
@@ -162,29 +162,29 @@ def reference_key(config: ml_collections.ConfigDict) -> str:
     d = config.data
     where = os.path.abspath(os.path.expanduser(d.path)) if d.source == "folder" else d.name
     name = f"{d.source}:{where}:{d.resize}"
-    if input_pipeline.image_shape(d)[-1] == 1:  # greyscale statistics differ from RGB ones
+    if data.image_shape(d)[-1] == 1:  # greyscale statistics differ from RGB ones
         name += ":grey"
-    h, w = input_pipeline.image_hw(d.image_size)
+    h, w = data.image_hw(d.image_size)
     size = h if h == w else f"{h}x{w}"  # square keys as before: their caches stay valid
     return fid.stats_key(
         name, _reference_split(config), size, config.eval.reference_num_examples or None
     )
 
 
-def _reference_dataset(config: ml_collections.ConfigDict) -> input_pipeline.ImageDataset:
+def _reference_dataset(config: ml_collections.ConfigDict) -> data.ImageDataset:
     """The whole reference split as an ImageDataset: nothing held out, nothing cached."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    data.split = config.eval.reference_split
-    data.eval_split = ""  # with num_eval_examples=0, nothing is held out of the split
-    data.num_eval_examples = 0
-    data.cache = False  # each image is read once
-    dataset, _ = input_pipeline.create_datasets(
-        data, seed=config.seed, global_batch_size=jax.process_count()
+    data_config = ml_collections.ConfigDict(config.data.to_dict())
+    data_config.split = config.eval.reference_split
+    data_config.eval_split = ""  # with num_eval_examples=0, nothing is held out of the split
+    data_config.num_eval_examples = 0
+    data_config.cache = False  # each image is read once
+    dataset, _ = data.create_datasets(
+        data_config, seed=config.seed, global_batch_size=jax.process_count()
     )
     return dataset
 
 
-def _reference_ids(dataset: input_pipeline.ImageDataset, num_examples: int) -> np.ndarray:
+def _reference_ids(dataset: data.ImageDataset, num_examples: int) -> np.ndarray:
     """All training ids, or a fixed random subset of `num_examples` of them (sorted)."""
     ids = dataset.train_indices
     if num_examples and num_examples > len(ids):
@@ -373,7 +373,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ref, key = reference(config, inception_params, apply_fn, _local_mesh())
 
     draw = _make_draw(config, sampler.model, sampler.mesh,
-                      input_pipeline.image_shape(config.data))
+                      data.image_shape(config.data))
     chunk = sample_chunk_size(config, sampler.mesh)
     stats = sample_stats(config, draw, sampler.params, ev.num_samples, chunk, inception_params,
                          apply_fn, progress=True, keep_logits=True)

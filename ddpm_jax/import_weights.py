@@ -125,7 +125,7 @@ def write_workdir(imported: Imported, workdir: str):
     import jax
     import jax.numpy as jnp
 
-    from ddpm_jax import checkpoint, input_pipeline, train, unet, validate
+    from ddpm_jax import checkpoint, data, train, unet, validate
 
     config = make_config(imported)
     validate.check_config(config, num_devices=1)
@@ -135,7 +135,7 @@ def write_workdir(imported: Imported, workdir: str):
         raise WeightsImportError(f"{workdir}: already has checkpoints {ckpt.all_steps()}; import "
                                  "into a new work directory")
     model = unet.from_config(config)
-    abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
+    abstract = unet.abstract_params(model, data.image_shape(config.data))
     try:
         checkpoint.check_compatible(imported.params, abstract, "params", "the imported weights")
     except checkpoint.CheckpointError as e:

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, input_pipeline, sharding, solvers, validate
+from ddpm_jax import data, diffusion, sharding, solvers, validate
 from ddpm_jax import progress as progress_lib  # `progress` is a flag here
 
 PARTS = ("prior", "kl", "decoder")  # the bound's terms; their sum is "total"
@@ -45,7 +45,7 @@ def make_bpd_fn(model, sched: diffusion.Schedule, prediction: str, variance: str
 
     @functools.partial(jax.jit, out_shardings=sharding.rep(mesh))
     def bpd(params, images_uint8, index_B, rng):
-        x0 = input_pipeline.to_model_input(images_uint8, rng, random_flip=False)
+        x0 = data.to_model_input(images_uint8, rng, random_flip=False)
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index_B)
         t_shape = (x0.shape[0],)
 
@@ -90,15 +90,16 @@ def bits_per_dim(bpd_fn: Callable, params, images: np.ndarray, rng: jax.Array, m
 def nll_images(config: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [N, H, W, C]: the held-out images the bound is computed on (see the module doc).
 
-    Raises validate.ConfigError (or input_pipeline.InputError for unreadable data) in one line.
+    Raises validate.ConfigError (or data.InputError for unreadable data) in one line.
     """
     d, n = config.data, config.eval.nll_num_examples
     if d.source == "tfds":
-        data = ml_collections.ConfigDict(d.to_dict())
-        data.split, data.eval_split, data.num_eval_examples = config.eval.nll_split, "", 0
-        data.cache = False  # each image is read once
-        dataset, _ = input_pipeline.create_datasets(data, seed=config.seed,
-                                                    global_batch_size=jax.process_count())
+        data_config = ml_collections.ConfigDict(d.to_dict())
+        data_config.split, data_config.eval_split = config.eval.nll_split, ""
+        data_config.num_eval_examples = 0
+        data_config.cache = False  # each image is read once
+        dataset, _ = data.create_datasets(data_config, seed=config.seed,
+                                          global_batch_size=jax.process_count())
         try:
             ids = dataset.train_indices  # every decodable image of the split, in split order
             return dataset.images(ids if n < 0 else ids[:n])
@@ -108,10 +109,10 @@ def nll_images(config: ml_collections.ConfigDict) -> np.ndarray:
         raise validate.ConfigError(
             f"eval.nll_num_examples={n} needs held-out images: data.source={d.source!r} has no "
             "test split, so set data.num_eval_examples > 0 (the images training holds out)")
-    data = ml_collections.ConfigDict(d.to_dict())
-    data.cache = False
-    dataset, held_out = input_pipeline.create_datasets(data, seed=config.seed,
-                                                       global_batch_size=jax.process_count())
+    data_config = ml_collections.ConfigDict(d.to_dict())
+    data_config.cache = False
+    dataset, held_out = data.create_datasets(data_config, seed=config.seed,
+                                             global_batch_size=jax.process_count())
     dataset.close()
     if 0 < len(held_out) < n:
         logging.warning("eval.nll_num_examples=%d exceeds the %d held-out images; using them all.",

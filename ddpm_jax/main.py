@@ -20,7 +20,7 @@ if __name__ == "__main__":
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpoint, distributed, fid, input_pipeline, train, validate  # noqa: E402
+from ddpm_jax import checkpoint, data, distributed, fid, train, validate  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file; --mode=sample and --mode=eval "
@@ -36,7 +36,7 @@ distributed.define_flags()
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 USER_ERRORS = (
     validate.ConfigError,
-    input_pipeline.InputError,
+    data.InputError,
     checkpoint.CheckpointError,
     train.NonFiniteError,
     fid.WeightsUnavailableError,

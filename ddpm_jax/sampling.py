@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ddpm_jax import diffusion, input_pipeline, sharding, solvers, unet, validate
+from ddpm_jax import data, diffusion, sharding, solvers, unet, validate
 from ddpm_jax import progress as progress_lib  # `progress` is make_sampler's flag
 
 SAMPLERS = solvers.SAMPLERS
@@ -175,7 +175,7 @@ class Sampler:
             config.data.class_names = tuple(saved.get("data", {}).get("class_names", ()))
         mesh = sharding.make_mesh()
         model = unet.from_config(config)
-        abstract = unet.abstract_params(model, input_pipeline.image_shape(config.data))
+        abstract = unet.abstract_params(model, data.image_shape(config.data))
         abstract = sharding.with_shardings(abstract, sharding.replicated(mesh, abstract))
         step, params = ckpt.restore_ema_params(abstract, step, config)
         ckpt.close()
@@ -189,7 +189,7 @@ class Sampler:
         c = self.config
         sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
         draw = make_sampler(self.model, sched, s, c.diffusion.prediction,
-                            input_pipeline.image_shape(c.data), self.mesh, progress)
+                            data.image_shape(c.data), self.mesh, progress)
         return draw(self.params, jax.random.key(seed), num_samples)
 
     def progress(self, num_images: int = 6, seed: int = 0, num_frames: int = 10) -> np.ndarray:
@@ -197,7 +197,7 @@ class Sampler:
         c = self.config
         sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
         return draw_progress(self.model, self.params, sched, c.sampling, c.diffusion.prediction,
-                             input_pipeline.image_shape(c.data), jax.random.key(seed),
+                             data.image_shape(c.data), jax.random.key(seed),
                              min(num_images, c.sampling.num_samples), num_frames)
 
 

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import (
     checkpoint,
+    data,
     diffusion,
-    input_pipeline,
     progress,
     sampling,
     sharding,
@@ -163,7 +163,7 @@ def train_step(
         label_B = drop_labels(label_B, jax.random.fold_in(step_key, _LABEL_DROPOUT_STREAM),
                               config.model.label_dropout, model.num_classes)
     if batch_uint8.dtype == jnp.uint8:
-        x0 = input_pipeline.to_model_input(batch_uint8, k_aug, config.data.random_flip)
+        x0 = data.to_model_input(batch_uint8, k_aug, config.data.random_flip)
     else:  # pre-scaled float images (notebooks, tests)
         x0 = batch_uint8.astype(jnp.float32)
     B, T = x0.shape[0], sched.num_timesteps
@@ -274,7 +274,7 @@ def eval_loss(params, batch, *, model, sched, config) -> jax.Array:
     runs. No flips, no dropout; a class-conditional model sees the images' own labels.
     """
     images_uint8, label_B = split_batch(batch)
-    x0 = input_pipeline.to_model_input(images_uint8, jax.random.key(0), False)
+    x0 = data.to_model_input(images_uint8, jax.random.key(0), False)
     n, T = x0.shape[0], sched.num_timesteps
     t_B = (jnp.arange(n) * T) // n
     eps = jax.random.normal(jax.random.key(1), x0.shape, x0.dtype)
@@ -346,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     validate.check_workdir(workdir)
     from clu import metric_writers, periodic_actions  # imports TensorFlow: after the checks
 
-    train_ds, eval_images = input_pipeline.create_datasets(
+    train_ds, eval_images = data.create_datasets(
         config.data, seed=config.seed, global_batch_size=config.training.batch_size,
         num_classes=config.model.num_classes,
     )

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import input_pipeline
+from ddpm_jax import data
 
 
 def _init(scale: float = 1.0):
@@ -279,7 +279,7 @@ def from_config(config) -> UNet:
         num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions),
         dropout=m.dropout,
-        out_ch=input_pipeline.image_shape(config.data)[-1],
+        out_ch=data.image_shape(config.data)[-1],
         dtype=jnp.dtype(m.dtype),
         attention_impl=m.attention_impl,
         norm_groups=norm_groups(m),

@@ -11,7 +11,7 @@ import tempfile
 
 import ml_collections
 
-from ddpm_jax import diffusion, input_pipeline, solvers, unet
+from ddpm_jax import data, diffusion, solvers, unet
 
 
 class ConfigError(ValueError):
@@ -41,16 +41,16 @@ def _positive_int(config, key: str) -> int:
 def check_config(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: int = 1) -> None:
     d, m, t = config.data, config.model, config.training
-    _one_of(config, "data.source", input_pipeline.SOURCES)
+    _one_of(config, "data.source", data.SOURCES)
     _require(d.source != "folder" or bool(d.path),
              "data.path is empty: data.source='folder' needs --config.data.path=/your/images")
-    _one_of(config, "data.resize", input_pipeline.RESIZE_POLICIES)
+    _one_of(config, "data.resize", data.RESIZE_POLICIES)
     try:
-        size = input_pipeline.image_hw(d.image_size)
-    except input_pipeline.InputError as e:
+        size = data.image_hw(d.image_size)
+    except data.InputError as e:
         raise ConfigError(str(e)) from None
     size = d.image_size if isinstance(d.image_size, int) else size
-    _one_of(config, "data.channels", input_pipeline.CHANNELS)
+    _one_of(config, "data.channels", data.CHANNELS)
 
     _positive_int(config, "model.ch")
     _require(isinstance(m.norm_groups, int) and m.norm_groups >= 0,
@@ -113,7 +113,7 @@ def check_labels(config: ml_collections.ConfigDict) -> None:
              f"model.num_classes={k!r}: expected 0 (unconditional) or a number of classes")
     _require(0.0 <= m.label_dropout < 1.0,
              f"model.label_dropout={m.label_dropout}: expected 0 <= label_dropout < 1")
-    _one_of(config, "data.labels", input_pipeline.LABEL_SOURCES)
+    _one_of(config, "data.labels", data.LABEL_SOURCES)
     _require(not d.labels or d.source == "folder",
              f"data.labels={d.labels!r} is for data.source='folder' (tfds labels come from "
              "data.label_key)")

@@ -20,8 +20,8 @@ from PIL import Image
 
 from ddpm_jax import (
     checkpoint,
+    data,
     diffusion,
-    input_pipeline,
     sampling,
     sharding,
     solvers,
@@ -29,7 +29,7 @@ from ddpm_jax import (
     unet,
     validate,
 )
-from ddpm_jax.input_pipeline import InputError
+from ddpm_jax.data import InputError
 
 
 def small(**kw):
@@ -213,9 +213,9 @@ def folder_config(path, **overrides):
 
 
 def test_folder_labels_are_the_sorted_sub_directories_and_follow_the_images(tmp_path):
-    data = two_class_folder(tmp_path / "data", per_class=10)
-    ds, eval_images = input_pipeline.create_datasets(folder_config(data), seed=0,
-                                                     global_batch_size=8, num_classes=2)
+    folder = two_class_folder(tmp_path / "data", per_class=10)
+    ds, eval_images = data.create_datasets(folder_config(folder), seed=0,
+                                           global_batch_size=8, num_classes=2)
     assert ds.class_names == ("blue", "red")
     np.testing.assert_array_equal(redness(eval_images) > 0, ds.eval_labels == 1)
     for step in range(3):
@@ -233,13 +233,13 @@ def test_folder_labels_are_the_sorted_sub_directories_and_follow_the_images(tmp_
 def test_unreadable_image_is_replaced_with_its_label(tmp_path):
     """blue/zz.jpg passes the header probe but fails to decode; the next example in index order,
     red/00.png, takes its place, and with it its class (red), not the file's (blue)."""
-    data = two_class_folder(tmp_path / "data", per_class=6)
+    folder = two_class_folder(tmp_path / "data", per_class=6)
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(
         buf, "JPEG")
-    (data / "blue" / "zz.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    ds, _ = input_pipeline.create_datasets(folder_config(data, num_eval_examples=0), seed=0,
-                                           global_batch_size=13, num_classes=2)
+    (folder / "blue" / "zz.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    ds, _ = data.create_datasets(folder_config(folder, num_eval_examples=0), seed=0,
+                                 global_batch_size=13, num_classes=2)
     ids = ds.global_indices(0)
     assert 6 in ids  # the truncated file, by sorted path
     np.testing.assert_array_equal(redness(ds.images(ids)) > 0, ds.labels(ids) == 1)
@@ -259,7 +259,7 @@ def test_folder_label_errors_are_one_line(tmp_path, layout, num_classes, match):
         for i in range(n):
             Image.new("RGB", (8, 8)).save(tmp_path / name / f"{name}{i}.png")
     with pytest.raises(InputError, match=match) as err:
-        input_pipeline.create_datasets(folder_config(tmp_path, num_eval_examples=0), seed=0,
+        data.create_datasets(folder_config(tmp_path, num_eval_examples=0), seed=0,
                                        global_batch_size=2, num_classes=num_classes)
     assert "\n" not in str(err.value)
 
@@ -270,15 +270,15 @@ def test_tfds_labels_and_their_checks():
                                             eval_split="test", num_eval_examples=4, num_workers=1,
                                             prefetch=0))
     with tfds.testing.mock_data(num_examples=16):
-        ds, _ = input_pipeline.create_datasets(config, seed=0, global_batch_size=8,
+        ds, _ = data.create_datasets(config, seed=0, global_batch_size=8,
                                                num_classes=10)
-        unlabelled, _ = input_pipeline.create_datasets(config, seed=0, global_batch_size=8)
+        unlabelled, _ = data.create_datasets(config, seed=0, global_batch_size=8)
         with pytest.raises(InputError, match=r"has 10 classes .* but model.num_classes=4"):
-            input_pipeline.create_datasets(config, seed=0, global_batch_size=8, num_classes=4)
+            data.create_datasets(config, seed=0, global_batch_size=8, num_classes=4)
         config.label_key = "labels"
         with pytest.raises(InputError, match=r"data.label_key='labels' is not a feature of TFDS "
                                              r"data.name='cifar10'.*features: id, image, label"):
-            input_pipeline.create_datasets(config, seed=0, global_batch_size=8, num_classes=10)
+            data.create_datasets(config, seed=0, global_batch_size=8, num_classes=10)
     # The ClassLabel's names (tfds' mock metadata has none for cifar10, so '0'..'9' here).
     assert len(ds.class_names) == 10 and all(isinstance(n, str) for n in ds.class_names)
     labels = ds.labels(np.arange(16))

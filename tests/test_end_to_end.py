@@ -14,7 +14,7 @@ from conftest import REPO, tiny_config
 from PIL import Image
 
 from configs import default
-from ddpm_jax import checkpoint, input_pipeline, sampling, train, validate
+from ddpm_jax import checkpoint, data, sampling, train, validate
 
 
 def overrides(config) -> list[str]:
@@ -76,7 +76,7 @@ def test_interrupted_and_resumed_training_is_bit_identical(trained, tmp_path, ca
 def test_a_step_that_compiles_again_is_reported(tmp_path, monkeypatch, caplog):
     """A batch whose dtype changes mid-run (here: pre-scaled floats at the third step) makes jax
     trace and compile the step again; the log names the step and the input that changed."""
-    create_datasets = input_pipeline.create_datasets
+    create_datasets = data.create_datasets
 
     def patched(*args, **kwargs):
         train_ds, eval_images = create_datasets(*args, **kwargs)
@@ -93,7 +93,7 @@ def test_a_step_that_compiles_again_is_reported(tmp_path, monkeypatch, caplog):
         monkeypatch.setattr(train_ds, "iterate", float_third_batch)
         return train_ds, eval_images
 
-    monkeypatch.setattr(input_pipeline, "create_datasets", patched)
+    monkeypatch.setattr(data, "create_datasets", patched)
     config = tiny_config()
     config.training.num_train_steps = 3
     config.training.sample_every_steps = 100

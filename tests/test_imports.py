@@ -6,29 +6,53 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
 
+def module_name(path: pathlib.Path) -> str:
+    """'train' for ddpm_jax/train.py, 'data' for ddpm_jax/data/__init__.py, 'data.decode' for
+    ddpm_jax/data/decode.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def imported_modules(path: pathlib.Path, modules: set[str]) -> set[str]:
-    """The ddpm_jax modules that `path` imports, anywhere in the file."""
+    """The ddpm_jax modules that `path` imports, anywhere in the file: for `from P import x`,
+    the module P.x if there is one (a subpackage's module), else P itself."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]  # '' top level
+
+    def resolve(dotted: str) -> str | None:  # "ddpm_jax.data.decode" -> "data.decode"
+        parts = dotted.split(".")
+        if parts[0] != "ddpm_jax":
+            return None
+        for end in range(len(parts), 1, -1):  # the longest prefix that is a module
+            if (module := ".".join(parts[1:end])) in modules:
+                return module
+        return None
+
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            base = node.module if node.level == 0 else f"ddpm_jax.{node.module}"
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.ImportFrom):  # from . import x
-            names = [f"ddpm_jax.{a.name}" for a in node.names]
+            candidates = [[a.name] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module
+            if node.level:  # relative: from the file's package, one level up per extra dot
+                parts = ["ddpm_jax", *filter(None, package.split("."))]
+                base = ".".join(parts[: len(parts) + 1 - node.level] + [node.module or ""])
+                base = base.rstrip(".")
+            candidates = [[f"{base}.{a.name}", base] for a in node.names]
         else:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "ddpm_jax" and len(parts) > 1 and parts[1] in modules:
-                found.add(parts[1])
+        for options in candidates:
+            for dotted in options:
+                if (module := resolve(dotted)) is not None:
+                    found.add(module)
+                    break
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return {m: imported_modules(PACKAGE / f"{m}.py", modules) - {m} for m in modules}
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"}
+    modules = set(paths)
+    return {m: imported_modules(p, modules) - {m} for m, p in paths.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -62,6 +86,22 @@ def test_find_cycle_finds_one():
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     assert "sampling" in graph["main"]  # imported inside main(), only for --mode=sample
+
+
+def test_the_graph_sees_the_data_package():
+    graph = import_graph()
+    assert "data" in graph["train"]  # from ddpm_jax import data
+    assert "data.decode" in graph["data.sources"]  # from ddpm_jax.data import decode
+    assert "data.settings" in graph["data.sources"]  # from ddpm_jax.data.settings import ...
+    assert {"data.dataset", "data.settings"} <= graph["data"]  # the re-exports
+
+
+def test_the_data_package_imports_only_itself():
+    """ddpm_jax.data sits below every other module: validate, unet and train import it."""
+    graph = import_graph()
+    for module in (m for m in graph if m.split(".")[0] == "data"):
+        outside = {m for m in graph[module] if m.split(".")[0] != "data"}
+        assert not outside, f"{module} imports {outside}"
 
 
 def test_no_import_cycles():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ddpm_jax import diffusion, input_pipeline, likelihood, sharding, validate
+from ddpm_jax import data, diffusion, likelihood, sharding, validate
 
 T = 20
 
@@ -87,8 +87,8 @@ def test_images_come_from_held_out_data_or_the_tfds_test_split(monkeypatch):
     config.data.source, config.data.name = "tfds", "cifar10"
     config.eval.nll_num_examples = -1
     opened = []
-    open_tfds = input_pipeline._open_tfds
-    monkeypatch.setattr(input_pipeline, "_open_tfds",
+    open_tfds = data.sources.open_tfds
+    monkeypatch.setattr(data.sources, "open_tfds",
                         lambda name, split, *a, **k: opened.append(split) or open_tfds(
                             name, split, *a, **k))
     with tfds.testing.mock_data(num_examples=7):

@@ -16,7 +16,7 @@ import nbformat
 from conftest import REPO
 
 from configs import quickstart
-from ddpm_jax import input_pipeline, unet
+from ddpm_jax import data, unet
 
 NOTEBOOK = os.path.join(REPO, "launch", "colab_tpu.ipynb")
 TINY = [
@@ -38,7 +38,7 @@ def test_notebook_facts_match_the_quickstart_config():
     """The parameter and step counts the notebook and README quote are the config's."""
     config = quickstart.get_config()
     params = unet.abstract_params(unet.from_config(config),
-                                  input_pipeline.image_shape(config.data))
+                                  data.image_shape(config.data))
     millions = f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M"
     text = "\n".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
                      if c.cell_type == "markdown")

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.input_pipeline: sources, order, per-process slices, prefetch, augmentation.
+"""Tests for ddpm_jax.data: sources, order, per-process slices, prefetch, augmentation.
 
 The 8-device tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax is
 imported (the conftest does it); they are skipped otherwise.
@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ddpm_jax import input_pipeline
-from ddpm_jax.input_pipeline import InputError, create_datasets, to_model_input
+from ddpm_jax import data
+from ddpm_jax.data import InputError, create_datasets, sources, to_model_input
 
 NUM_COLORS = 40  # files in the colour-coded folder
 
@@ -145,6 +145,21 @@ def test_folder_modes_sizes_and_a_corrupt_file(tmp_path, caplog):
         np.testing.assert_array_equal(images[i], np.broadcast_to(rgb, (16, 16, 3)), f"index {i}")
     assert np.abs(images[0].astype(int) - (255, 0, 0)).max() <= 3  # jpeg
     assert images[8].min() >= 250  # CMYK with no ink: white
+
+
+def test_load_image_reads_a_file_exactly_as_training_does(tmp_path):
+    """data.load_image is the public way to read one image file (e.g. a mask) for the model."""
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "a.jpg")
+    sixteen_bit = (np.arange(600).reshape(30, 20) * 100).astype(np.uint16)
+    Image.fromarray(sixteen_bit).save(tmp_path / "b.png")
+    for channels, resize in ((3, "center_crop"), (1, "stretch")):
+        config = color_config(tmp_path, image_size=(6, 10), channels=channels, resize=resize)
+        ds, _ = create(config, batch=1)
+        for i, name in enumerate(["a.jpg", "b.png"]):
+            image = data.load_image(str(tmp_path / name), (6, 10), resize, channels)
+            assert image.shape == (6, 10, channels) and image.dtype == np.uint8
+            np.testing.assert_array_equal(image, ds.images([i])[0])
 
 
 def test_resize_policies(tmp_path):
@@ -345,7 +360,7 @@ def test_tfds_download_offline_fails_in_seconds_with_a_way_out(tmp_path, monkeyp
     """Offline, tfds would retry the download for minutes; one quick check fails first."""
     pytest.importorskip("tensorflow_datasets")
     asked = []
-    monkeypatch.setattr(input_pipeline, "_reachable", lambda url, timeout_s: asked.append(url))
+    monkeypatch.setattr(sources, "_reachable", lambda url, timeout_s: asked.append(url))
     config = make_config(source="tfds", name="celeb_a", data_dir=str(tmp_path))
     with pytest.raises(InputError) as err:
         create(config, batch=8)
@@ -361,7 +376,7 @@ def test_prepared_tfds_data_needs_no_network(monkeypatch):
     def no_network(url, timeout_s):
         raise AssertionError(f"asked {url} for a prepared dataset")
 
-    monkeypatch.setattr(input_pipeline, "_reachable", no_network)
+    monkeypatch.setattr(sources, "_reachable", no_network)
     with tfds.testing.mock_data(num_examples=4):  # a prepared dataset, as tfds.load sees it
         ds, _ = create(make_config(source="tfds", name="celeb_a", num_eval_examples=2), batch=2)
     assert ds.num_examples == 2
@@ -371,7 +386,7 @@ def test_prepared_tfds_data_needs_no_network(monkeypatch):
 def test_unreachable_servers_are_reported_within_the_timeout(url):
     # 192.0.2.0/24 is reserved for documentation (RFC 5737) and .invalid never resolves (RFC 2606).
     start = time.monotonic()
-    assert not input_pipeline._reachable(url, timeout_s=0.5)
+    assert not sources._reachable(url, timeout_s=0.5)
     assert time.monotonic() - start < 2.0
 
 
@@ -469,15 +484,15 @@ def test_a_wide_photo_keeps_its_aspect_and_crops_the_middle(tmp_path, size_hw, r
 
 @pytest.mark.parametrize("size, hw", [(32, (32, 32)), ((48, 64), (48, 64)), ([48, 64], (48, 64))])
 def test_image_size_is_an_int_or_height_and_width(size, hw):
-    assert input_pipeline.image_hw(size) == hw
-    assert input_pipeline.image_shape(make_config(image_size=size, channels=1)) == (*hw, 1)
+    assert data.image_hw(size) == hw
+    assert data.image_shape(make_config(image_size=size, channels=1)) == (*hw, 1)
 
 
 @pytest.mark.parametrize("size", [(32,), (32, 0), (32, 48, 3), "32", (32.0, 48), True])
 def test_a_bad_image_size_is_named(size):
     with pytest.raises(InputError, match=r"^data\.image_size=.* must be an integer >= 1 or a "
                                          r"\(height, width\) pair of them$"):
-        input_pipeline.image_hw(size)
+        data.image_hw(size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,9 +503,9 @@ def test_a_bad_image_size_is_named(size):
                                      (100_000, 256)])
 def test_a_folder_holds_out_five_percent_at_most_num_eval_examples(n, held):
     config = color_config("/photos", num_eval_examples=256, folder_eval_fraction=0.05)
-    assert input_pipeline.eval_hold_out(config, n) == held
+    assert data.eval_hold_out(config, n) == held
     # tfds and the embedded faces hold out num_eval_examples whatever their size.
-    assert input_pipeline.eval_hold_out(make_config(num_eval_examples=256), n) == 256
+    assert data.eval_hold_out(make_config(num_eval_examples=256), n) == 256
 
 
 def test_a_folder_smaller_than_a_batch_trains_with_repeats(tmp_path, caplog):
