@@ -36,9 +36,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    from ddpm_jax import hugepages
+    from ddpm_jax import hugepages, quiet
 
     hugepages.reexec_with_hugepages()  # first: glibc reads it at start-up (see hugepages.py)
+    quiet.silence_tensorflow()  # before anything imports TensorFlow (see quiet.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
