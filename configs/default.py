@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.sampler = "ddpm"  # 'ddpm' (ancestral), 'ddim', 'dpm_solver++' or 'heun' (README)
+    sampling.sampler = "ddpm"  # 'ddpm' (ancestral), 'ddim', 'dpm_solver++', 'heun' (docs/samplers)
     sampling.num_steps = 0  # network evaluations per image; 0: all T (ddpm respaces when < T)
     sampling.spacing = "auto"  # timestep grid: uniform/logsnr/quadratic/karras; auto: paper's
     sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 ancestral-like
