@@ -49,6 +49,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ddpm_jax import (  # noqa: E402
+    config_renames,
     diffusion,
     input_pipeline,
     sampling,
@@ -493,7 +494,7 @@ def main(argv: list[str]) -> None:
                    sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling,
                    compile_only=FLAGS.compile_only)
     try:
-        result = run(FLAGS.config, opts)
+        result = run(config_renames.rename_keys(FLAGS.config), opts)
     except validate.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -502,4 +503,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Old config key names, renamed where config_flags reads its overrides: sys.argv.
+    sys.argv = config_renames.rename_overrides(sys.argv)
     app.run(main)
