@@ -54,7 +54,7 @@ def jax_stage(root: str) -> None:
     import jax.numpy as jnp
 
     from configs import default
-    from ddpm_jax import checkpoint, diffusion, export, input_pipeline, train, unet
+    from ddpm_jax import checkpoint, data, diffusion, export, train, unet
     from ddpm_jax import diffusers_layout as layout
 
     configs = {}
@@ -72,7 +72,7 @@ def jax_stage(root: str) -> None:
                             attention_impl="xla", num_classes=o["classes"])
         config.diffusion.update(prediction=o["prediction"], beta_schedule=o["schedule"])
         model = unet.from_config(config)
-        shape = input_pipeline.image_shape(config.data)
+        shape = data.image_shape(config.data)
         rng = np.random.default_rng(0)
 
         def draw(path, a, rng=rng):

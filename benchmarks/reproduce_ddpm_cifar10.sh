@@ -17,9 +17,10 @@
 #   * CIFAR-10 prepared for tfds in $TFDS_DATA_DIR (default ~/tensorflow_datasets), e.g. once
 #     with network: python -c "import tensorflow_datasets as t; t.builder('cifar10').download_and_prepare()"
 #   * the FID Inception weights: $INCEPTION_WEIGHTS (.pth or .npz), else the converted .npz in
-#     $DDPM_JAX_CACHE (default ~/.cache/ddpm_jax), see README "Evaluation";
+#     $DDPM_JAX_CACHE (default ~/.cache/ddpm_jax), see docs/evaluation.md;
 #   * a GPU visible to JAX.
-# Runtime on one GPU: an estimate, not measured: see README "Reproducing DDPM on CIFAR-10".
+# Runtime on one GPU: an estimate, not measured: see docs/published-models.md, "Reproducing DDPM
+# on CIFAR-10".
 # Extra arguments after WORKDIR go to --mode=eval (e.g. --config.sampling.per_device_batch=256).
 set -euo pipefail
 

@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.sampler = "ddpm"  # 'ddpm' (ancestral), 'ddim', 'dpm_solver++' or 'heun' (README)
+    sampling.sampler = "ddpm"  # 'ddpm' (ancestral), 'ddim', 'dpm_solver++', 'heun' (docs/samplers)
     sampling.num_steps = 0  # network evaluations per image; 0: all T (ddpm respaces when < T)
     sampling.spacing = "auto"  # timestep grid: uniform/logsnr/quadratic/karras; auto: paper's
     sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 ancestral-like
@@ -102,8 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
     ev.kid_subsets = 100
     ev.kid_subset_size = 1000
     ev.max_kid_features = 10_000  # reference/sample features kept for KID
-    ev.every_steps = 0  # in-loop FID every N steps (0 = off); not comparable with paper numbers
-    ev.in_loop_num_samples = 1000  # samples for in-loop FID
+    ev.training_fid_every_steps = 0  # FID during training every N steps (0 = off); not papers'
+    ev.training_fid_num_samples = 1000  # samples for that FID (fewer: biased upwards)
     ev.keep_best = False  # also keep the checkpoint with the best in-loop FID
     ev.is_splits = 10  # Inception Score splits of eval.num_samples (torch-fidelity's 10)
     ev.nll_num_examples = 0  # NLL (bits/dim) on this many held-out images; 0 = off, -1 = all

@@ -14,7 +14,8 @@ sqrt(1 - abar) eps) / sqrt(abar) multiplies any error in the predicted eps by 20
 short-trained network predicts the image mean of eps poorly (at t = T - 1 a fifth of it), so
 with eps the first steps' x0 carried the noise's mean as brightness: samples came out near-black
 or washed out (brightness spread over 64 samples 0.22 against the faces' 0.078). With v the
-network predicts x0's brightness directly at high noise: spread 0.066 (README, "Small networks").
+network predicts x0's brightness directly at high noise: spread 0.066 (docs/configs.md, "Small
+networks").
 """
 
 from configs import default

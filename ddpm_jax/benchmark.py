@@ -36,9 +36,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    from ddpm_jax import hugepages
+    from ddpm_jax import hugepages, quiet
 
     hugepages.reexec_with_hugepages()  # first: glibc reads it at start-up (see hugepages.py)
+    quiet.silence_tensorflow()  # before anything imports TensorFlow (see quiet.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,6 +49,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ddpm_jax import (  # noqa: E402
+    config_renames,
     data,
     diffusion,
     sampling,
@@ -492,7 +494,7 @@ def main(argv: list[str]) -> None:
                    sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling,
                    compile_only=FLAGS.compile_only)
     try:
-        result = run(FLAGS.config, opts)
+        result = run(config_renames.rename_keys(FLAGS.config), opts)
     except validate.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -501,4 +503,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Old config key names, renamed where config_flags reads its overrides: sys.argv.
+    sys.argv = config_renames.rename_overrides(sys.argv)
     app.run(main)

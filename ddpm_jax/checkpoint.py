@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ddpm_jax import unet, validate
+from ddpm_jax import config_renames, unet, validate
 
 
 class CheckpointError(RuntimeError):
@@ -225,9 +225,8 @@ class Checkpointer:
                 f"has {now}; add --config.model.num_classes={was}")
 
     def saved_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return config_renames.rename_keys(saved["config"])  # saved under older key names
 
 
 def newest_saved_config(workdir: str) -> dict:
@@ -242,7 +241,7 @@ def newest_saved_config(workdir: str) -> dict:
     for step in sorted(steps, reverse=True):
         try:
             with open(os.path.join(directory, str(step), "config", "metadata")) as f:
-                return json.load(f)
+                return config_renames.rename_keys(json.load(f))  # saved under older key names
         except (OSError, ValueError):
             continue  # damaged or from another layout: the one before, as restoring does
     raise CheckpointError(f"no checkpoint with a saved config in {directory}: pass --config "

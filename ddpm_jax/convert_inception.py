@@ -279,4 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ddpm_jax import quiet
+
+    quiet.silence_tensorflow()  # TensorFlow is imported lazily, after this (see quiet.py)
     raise SystemExit(main())

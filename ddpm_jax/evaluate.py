@@ -6,9 +6,10 @@
   `eval.is_splits` splits), and with `eval.nll_num_examples` the variational bound in bits/dim on
   held-out images (likelihood.py); written to `WORKDIR/eval/step_<N>.json` and to TensorBoard as
   `eval/fid`, `eval/kid`, `eval/is` and `eval/nll_bpd` (with its parts `eval/nll_*_bpd`).
-* `make_in_loop_evaluator(...)`: the same pipeline on `eval.in_loop_num_samples` samples every
-  `eval.every_steps` training steps. Its `fid_in_loop` / `kid_in_loop` track progress within one
-  run; they are biased upwards by the small sample and NOT comparable with 50k-sample paper FIDs.
+* `make_in_loop_evaluator(...)`: the same pipeline on `eval.training_fid_num_samples` samples
+  every `eval.training_fid_every_steps` training steps. Its `fid_in_loop` / `kid_in_loop` track
+  progress within one run; they are biased upwards by the small sample and NOT comparable with
+  50k-sample paper FIDs.
 * `save_if_best(...)`: `eval.keep_best`, keeps the EMA params with the lowest in-loop FID in
   `WORKDIR/best/`, a work directory of its own (see `save_if_best`).
 
@@ -82,8 +83,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         "kid_subset_size": 2,  # the unbiased MMD divides by m (m - 1)
         "max_kid_features": 2,
         "reference_num_examples": 0,
-        "every_steps": 0,
-        "in_loop_num_samples": 2,
+        "training_fid_every_steps": 0,
+        "training_fid_num_samples": 2,
         "is_splits": 1,
         "nll_num_examples": -1,  # -1: all, 0: no NLL
     }
@@ -434,24 +435,27 @@ def make_in_loop_evaluator(
     mesh: Mesh,
     image_shape: tuple[int, ...],
 ) -> InLoopEvaluator | None:
-    """None when `eval.every_steps` is 0; else `fn(step, ema_params, force=False)`.
+    """None when `eval.training_fid_every_steps` is 0; else `fn(step, ema_params, force=False)`.
 
     Weights and reference statistics are prepared here, once (so a missing download fails at the
     start of training, not hours in). `fn` returns None unless `step` is a multiple of
-    `eval.every_steps` (or `force`); otherwise it samples `eval.in_loop_num_samples` images with
+    `eval.training_fid_every_steps` (or `force`); otherwise it samples
+    `eval.training_fid_num_samples` images with
     the same keys every time (so differences between steps come from the model, not the noise)
     and returns {'fid_in_loop', 'kid_in_loop'}, also appended to WORKDIR/eval/in_loop.jsonl.
     """
     ev = config.eval
-    if ev.keep_best and not ev.every_steps:
-        raise validate.ConfigError("eval.keep_best needs in-loop FID: set eval.every_steps > 0")
-    if not ev.every_steps:
+    if ev.keep_best and not ev.training_fid_every_steps:
+        raise validate.ConfigError(
+            "eval.keep_best needs in-loop FID: set eval.training_fid_every_steps > 0")
+    if not ev.training_fid_every_steps:
         return None
     check_eval_config(config)
     k = config.training.steps_per_call
-    if ev.every_steps % k:
+    if ev.training_fid_every_steps % k:
         # The loop only sees every k-th step, so other multiples would never come round.
-        raise validate.ConfigError(f"eval.every_steps={ev.every_steps} is not a multiple of "
+        raise validate.ConfigError(f"eval.training_fid_every_steps={ev.training_fid_every_steps} "
+                                   "is not a multiple of "
                                    f"training.steps_per_call={k}")
     inception_params = inception.load_params(inception_weights(config))
     apply_fn = _inception_apply_fn()
@@ -462,10 +466,10 @@ def make_in_loop_evaluator(
 
     def evaluate_in_loop(step: int, ema_params: PyTree,
                          force: bool = False) -> dict[str, float] | None:
-        if step % ev.every_steps and not force:
+        if step % ev.training_fid_every_steps and not force:
             return None
         t0 = time.time()
-        stats = sample_stats(config, draw, ema_params, ev.in_loop_num_samples, chunk,
+        stats = sample_stats(config, draw, ema_params, ev.training_fid_num_samples, chunk,
                              inception_params, apply_fn)
         m = fid.fid_kid(stats, ref, ev.kid_subsets, ev.kid_subset_size)
         out = {"fid_in_loop": m["fid"], "kid_in_loop": m["kid_mean"]}
@@ -473,10 +477,10 @@ def make_in_loop_evaluator(
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": int(step), **out, "num_samples":
-                                    ev.in_loop_num_samples, "reference_key": key}) + "\n")
+                                    ev.training_fid_num_samples, "reference_key": key}) + "\n")
         logging.info("Step %d: in-loop FID %.3f, KID %.5f (%d samples, %.0f s; not comparable "
                      "with 50k-sample FIDs).", step, out["fid_in_loop"], out["kid_in_loop"],
-                     ev.in_loop_num_samples, time.time() - t0)
+                     ev.training_fid_num_samples, time.time() - t0)
         return out
 
     return evaluate_in_loop

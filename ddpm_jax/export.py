@@ -83,11 +83,11 @@ def restore_params(workdir: str, config: dict, which: str) -> tuple[int, dict]:
     import jax.numpy as jnp
     import ml_collections
 
-    from ddpm_jax import checkpoint, input_pipeline, train, unet
+    from ddpm_jax import checkpoint, data, train, unet
 
     cfg = ml_collections.ConfigDict(config)
     model = unet.from_config(cfg)
-    abstract = unet.abstract_params(model, input_pipeline.image_shape(cfg.data))
+    abstract = unet.abstract_params(model, data.image_shape(cfg.data))
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         if which == "ema":
@@ -284,4 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ddpm_jax import quiet
+
+    quiet.silence_tensorflow()  # TensorFlow is imported lazily, after this (see quiet.py)
     raise SystemExit(main())

@@ -191,4 +191,7 @@ def _leaves(tree):
 
 
 if __name__ == "__main__":
+    from ddpm_jax import quiet
+
+    quiet.silence_tensorflow()  # TensorFlow is imported lazily, after this (see quiet.py)
     raise SystemExit(main())

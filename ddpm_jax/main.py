@@ -13,14 +13,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
-    from ddpm_jax import hugepages
+    from ddpm_jax import hugepages, quiet
 
     hugepages.reexec_with_hugepages()  # first: glibc reads it at start-up (see hugepages.py)
+    quiet.silence_tensorflow()  # before anything imports TensorFlow (see quiet.py)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddpm_jax import checkpoint, data, distributed, fid, train, validate  # noqa: E402
+from ddpm_jax import (  # noqa: E402
+    checkpoint,
+    config_renames,
+    data,
+    distributed,
+    fid,
+    train,
+    validate,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file; --mode=sample and --mode=eval "
@@ -58,7 +67,7 @@ def main(argv):
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     print(f"Work directory: {workdir}", flush=True)
     distributed.initialize_from_flags()  # before anything touches devices
-    config = FLAGS.config
+    config = config_renames.rename_keys(FLAGS.config)  # a config file's old key names
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, workdir)
@@ -111,6 +120,8 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 def parse_flags(argv):
     """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
     try:
+        # Old config key names, renamed where config_flags reads its overrides: sys.argv.
+        sys.argv = argv = config_renames.rename_overrides(argv)
         argv = with_workdir_config(argv)
         return FLAGS(argv)
     except (flags.Error, checkpoint.CheckpointError) as e:

@@ -81,7 +81,7 @@ def trained(tmp_path_factory):
     t.num_train_steps = t.log_every_steps = t.eval_every_steps = 2
     t.checkpoint_every_steps = t.sample_every_steps = 2
     ev = config.eval
-    ev.num_samples, ev.batch_size, ev.in_loop_num_samples = 16, 8, 8
+    ev.num_samples, ev.batch_size, ev.training_fid_num_samples = 16, 8, 8
     ev.reference_num_examples = 16
     ev.kid_subsets, ev.kid_subset_size = 2, 8
     ev.inception_weights, ev.cache_dir = weights, str(root / "cache")
@@ -147,7 +147,7 @@ def test_evaluate_then_in_loop_and_best(trained, fast_fid, monkeypatch):
             "eval/nll_decoder_bpd", "eval/fid"} <= _scalar_tags(events[-1])
 
     # The in-loop evaluator reuses the cached reference and the training-time inputs.
-    config.eval.every_steps = 2
+    config.eval.training_fid_every_steps = 2
     sampler = sampling.Sampler.from_workdir(workdir, config)
     run = evaluate.make_in_loop_evaluator(config, workdir, sampler.mesh, (8, 8, 3))
     assert calls == [1]
@@ -196,16 +196,17 @@ def test_offline_without_weights_fails_before_sampling(tmp_path, monkeypatch):
     assert time.time() - t0 < 10
     assert "\n" not in str(e.value) and str(tmp_path / "empty") in str(e.value)
     assert os.environ.get(fid.CACHE_ENV) != str(tmp_path / "empty")  # restored afterwards
-    config.eval.every_steps = 100
+    config.eval.training_fid_every_steps = 100
     with pytest.raises(fid.WeightsUnavailableError):
         evaluate.make_in_loop_evaluator(config, str(tmp_path / "run"), None, (8, 8, 3))
-    config.eval.every_steps = 0
+    config.eval.training_fid_every_steps = 0
     assert evaluate.make_in_loop_evaluator(config, str(tmp_path / "run"), None, (8, 8, 3)) is None
 
 
 @pytest.mark.parametrize(
     "key, value", [("num_samples", 1), ("batch_size", 0), ("reference_num_examples", 1),
-                   ("kid_subset_size", 1), ("every_steps", -1), ("in_loop_num_samples", 1),
+                   ("kid_subset_size", 1), ("training_fid_every_steps", -1),
+                   ("training_fid_num_samples", 1),
                    ("is_splits", 0), ("nll_num_examples", -2), ("num_samples", 9)]
 )
 def test_bad_eval_settings_are_config_errors(key, value):
@@ -250,9 +251,9 @@ def test_sample_batches_stream_in_chunks():
 
 def test_in_loop_settings_are_checked():
     config = tiny_config()
-    config.eval.every_steps, config.training.steps_per_call = 3, 2
+    config.eval.training_fid_every_steps, config.training.steps_per_call = 3, 2
     with pytest.raises(validate.ConfigError, match="steps_per_call"):
         evaluate.make_in_loop_evaluator(config, "unused", None, (8, 8, 3))
-    config.eval.every_steps, config.eval.keep_best = 0, True
+    config.eval.training_fid_every_steps, config.eval.keep_best = 0, True
     with pytest.raises(validate.ConfigError, match="keep_best"):
         evaluate.make_in_loop_evaluator(config, "unused", None, (8, 8, 3))

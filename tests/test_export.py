@@ -18,11 +18,11 @@ from safetensors.numpy import load_file
 
 from ddpm_jax import (
     checkpoint,
+    data,
     diffusers_layout,
     diffusion,
     export,
     import_weights,
-    input_pipeline,
     train,
     unet,
 )
@@ -52,7 +52,7 @@ def random_params(config, seed: int):
     """Every parameter random at its init scale (norm scales around 1), computing no init."""
     rng = np.random.default_rng(seed)
     abstract = unet.abstract_params(unet.from_config(config),
-                                    input_pipeline.image_shape(config.data))
+                                    data.image_shape(config.data))
 
     def draw(path, a):
         name = jax.tree_util.keystr(path)

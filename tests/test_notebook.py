@@ -35,7 +35,7 @@ def tagged(nb, tag):
 
 
 def test_notebook_facts_match_the_quickstart_config():
-    """The parameter and step counts the notebook and README quote are the config's."""
+    """The parameter and step counts the notebook and docs/configs.md quote are the config's."""
     config = quickstart.get_config()
     params = unet.abstract_params(unet.from_config(config),
                                   data.image_shape(config.data))
@@ -47,7 +47,7 @@ def test_notebook_facts_match_the_quickstart_config():
         in text
     assert f"({config.sampling.num_samples} in the quickstart config)" in text
     assert re.search(rf"`configs/quickstart.py` \| {millions}-parameter",
-                     open(os.path.join(REPO, "README.md")).read())
+                     open(os.path.join(REPO, "docs", "configs.md")).read())
 
 
 def test_notebook_runs_on_the_cpu(tmp_path):
