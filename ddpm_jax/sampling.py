@@ -181,16 +181,63 @@ class Sampler:
         ckpt.close()
         return cls(config, model, params, step, mesh)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return input_pipeline.image_shape(self.config.data)
+
+    def sampling_config(self, **overrides) -> ml_collections.ConfigDict:
+        """The sampling config with `overrides` replacing its fields."""
+        s = ml_collections.ConfigDict(self.config.sampling.to_dict())
+        s.update(overrides)
+        return s
+
     def sample(self, num_samples: int, seed: int = 0, progress: bool = False,
                **overrides) -> np.ndarray:
         """uint8 images [num_samples, H, W, C]; `overrides` replace sampling config fields."""
-        s = ml_collections.ConfigDict(self.config.sampling.to_dict())
-        s.update(overrides)
+        s = self.sampling_config(**overrides)
         c = self.config
         sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
-        draw = make_sampler(self.model, sched, s, c.diffusion.prediction,
-                            input_pipeline.image_shape(c.data), self.mesh, progress)
+        draw = make_sampler(self.model, sched, s, c.diffusion.prediction, self.image_shape,
+                            self.mesh, progress)
         return draw(self.params, jax.random.key(seed), num_samples)
+
+    # Sampling that edits (editing.py). Images are uint8 [N, H, W, C] at the model's size
+    # (editing.read_images reads files so); `overrides` replace sampling config fields.
+    def inpaint(self, images: np.ndarray, masks: np.ndarray, seed: int = 0,
+                jump_length: int = 1, jump_n_sample: int = 1, **overrides) -> np.ndarray:
+        """uint8 [N, H, W, C]: the pixels where `masks` (bool [N or 1, H, W]) is True drawn, the
+        rest kept exactly; RePaint's resampling with jump_n_sample > 1. ddpm or ddim."""
+        from ddpm_jax import editing
+
+        return editing.inpaint_images(self, images, masks, seed, self.sampling_config(**overrides),
+                                      jump_length, jump_n_sample)
+
+    def img2img(self, images: np.ndarray, strength: float, seed: int = 0,
+                **overrides) -> np.ndarray:
+        """uint8 [N, H, W, C]: SDEdit, `images` noised to strength x T and denoised; strength 0
+        returns them, strength 1 is `sample(N, seed)`."""
+        from ddpm_jax import editing
+
+        return editing.img2img_images(self, images, strength, seed,
+                                      self.sampling_config(**overrides))
+
+    def interpolate(self, images_a: np.ndarray, images_b: np.ndarray, num_frames: int = 8,
+                    **overrides) -> np.ndarray:
+        """uint8 [P, num_frames, H, W, C]: from images_a[p] to images_b[p] (DDIM inversion,
+        slerp, DDIM decoding at eta = 0 on the sampling config's grid)."""
+        from ddpm_jax import editing
+
+        return editing.interpolate_images(self, images_a, images_b, num_frames,
+                                          self.sampling_config(**overrides))
+
+    def interpolate_seeds(self, seeds_a, seeds_b, num_frames: int = 8,
+                          **overrides) -> np.ndarray:
+        """uint8 [P, num_frames, H, W, C]: from image 0 of seed seeds_a[p] to that of seeds_b[p]
+        by slerp of their noises, decoded by DDIM at eta = 0."""
+        from ddpm_jax import editing
+
+        return editing.interpolate_seeds(self, seeds_a, seeds_b, num_frames,
+                                         self.sampling_config(**overrides))
 
     def progress(self, num_images: int = 6, seed: int = 0, num_frames: int = 10) -> np.ndarray:
         """uint8 [num_images, num_frames, H, W, C]: predicted x_0 from T to 0 (`draw_progress`)."""
