@@ -15,14 +15,15 @@
 
 Image i of a call draws from `fold_in(key(seed), i)`, as sampling does, so results do not depend
 on the device count, and image-to-image at strength 1 is `Sampler.sample` with the same seed.
-The CLI (`--mode=inpaint|interpolate|img2img`, `edit_and_write`) reads `config.edit`
-(configs/default.py); the notebook API is `sampling.Sampler`'s methods of the same names.
+These are pure functions of a batch, as solvers.py's samplers are; sampling.py runs them on the
+devices from a checkpoint: the notebook API is `sampling.Sampler.inpaint`, `.interpolate`,
+`.interpolate_seeds` and `.img2img`, and the CLI (`--mode=inpaint|interpolate|img2img`,
+`sampling.edit_and_write`) reads `config.edit` (configs/default.py) and the files below.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 
@@ -30,12 +31,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
 
-from ddpm_jax import diffusion, sampling, sharding, solvers, validate
+from ddpm_jax import diffusion, solvers, validate
 
-EDIT_MODES = validate.EDIT_MODES
 INPAINT_SAMPLERS = ("ddpm", "ddim")
 MASK_GREY_TOLERANCE = 10  # a mask's channels may differ this much (JPEG chroma noise)
 
@@ -176,82 +175,6 @@ def slerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.where(w.reshape(bc) == 0, a, jnp.where(w.reshape(bc) == 1, b, out))
 
 
-# ---------------------------------------------------------------------------------------------
-# On the devices: uint8 images in and out, in sharded calls (the notebook API's back end)
-
-
-def to_model_input(images_uint8) -> jax.Array:
-    return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
-
-
-def _map_batches(mesh, per_device_batch: int, fn, params, rng, *arrays) -> np.ndarray:
-    """fn(params, rng, index_B, *rows) over the rows of `arrays` in calls of per_device_batch
-    images per device, the batch sharded; the last call padded with copies of its last row.
-    Rows are independent, so results do not depend on the device count or the call size."""
-    n, n_dev = len(arrays[0]), mesh.devices.size
-    per_call = min(per_device_batch * n_dev, -(-n // n_dev) * n_dev)
-    out = []
-    for first in range(0, n, per_call):
-        index = np.arange(first, first + per_call)
-        rows = [np.asarray(a)[np.minimum(index, n - 1)] for a in arrays]
-        result = fn(params, rng, sharding.global_batch(mesh, index.astype(np.int32)),
-                    *(sharding.global_batch(mesh, r) for r in rows))
-        out.append(np.asarray(multihost_utils.process_allgather(result, tiled=True)))
-    return np.concatenate(out)[:n]
-
-
-def _check_images(images: np.ndarray, image_shape, what: str = "images") -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != tuple(image_shape) or images.dtype != np.uint8:
-        raise ValueError(f"{what}: expected uint8 [N, {', '.join(map(str, image_shape))}] (the "
-                         f"model's images), got {images.dtype} {list(images.shape)}")
-    return images
-
-
-def inpaint_images(sampler, images: np.ndarray, masks: np.ndarray, seed: int = 0,
-                   s: ml_collections.ConfigDict | None = None, jump_length: int = 1,
-                   jump_n_sample: int = 1) -> np.ndarray:
-    """uint8 [N, H, W, C]: `images` with the pixels where `masks` (bool [N or 1, H, W], True
-    where the model draws) is True drawn by `sampler` (a sampling.Sampler), the rest kept."""
-    c, s = sampler.config, s or sampler.config.sampling
-    sched = _schedule(c)
-    images = _check_images(images, sampler.image_shape)
-    masks = np.broadcast_to(np.asarray(masks, bool), (len(images), *images.shape[1:3]))[..., None]
-    kw = solvers.settings(s, sched.num_timesteps)
-
-    @functools.partial(jax.jit, out_shardings=sharding.batch(sampler.mesh))
-    def run(params, rng, index_B, images_B, draw_B):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index_B)
-        x = inpaint(sampling.conditioned(sampler.model, index_B, s), params, sched, keys,
-                    to_model_input(images_B), draw_B, sampler=s.sampler, clip_x0=s.clip_x0,
-                    prediction=c.diffusion.prediction, jump_length=jump_length,
-                    jump_n_sample=jump_n_sample, **kw)
-        return sampling.to_uint8(x)
-
-    return _map_batches(sampler.mesh, s.per_device_batch, run, sampler.params,
-                        jax.random.key(seed), images, np.ascontiguousarray(masks))
-
-
-def img2img_images(sampler, images: np.ndarray, strength: float, seed: int = 0,
-                   s: ml_collections.ConfigDict | None = None) -> np.ndarray:
-    """uint8 [N, H, W, C]: `images` noised to `strength` (0 to 1) and denoised (`img2img`)."""
-    c, s = sampler.config, s or sampler.config.sampling
-    sched = _schedule(c)
-    images = _check_images(images, sampler.image_shape)
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength}: expected 0 to 1")
-
-    @functools.partial(jax.jit, out_shardings=sharding.batch(sampler.mesh))
-    def run(params, rng, index_B, images_B):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index_B)
-        x = img2img(sampling.conditioned(sampler.model, index_B, s), params, sched, s,
-                    c.diffusion.prediction, keys, to_model_input(images_B), strength)
-        return sampling.to_uint8(x)
-
-    return _map_batches(sampler.mesh, s.per_device_batch, run, sampler.params,
-                        jax.random.key(seed), images)
-
-
 def interpolation_config(s: ml_collections.ConfigDict,
                          inverted: bool = False) -> ml_collections.ConfigDict:
     """The sampling config interpolation decodes with: DDIM at eta = 0 on `s`'s grid (the same
@@ -265,80 +188,10 @@ def interpolation_config(s: ml_collections.ConfigDict,
     return s
 
 
-def encode_images(sampler, images: np.ndarray, s: ml_collections.ConfigDict | None = None,
-                  labels_from: np.ndarray | None = None) -> np.ndarray:
-    """float32 x_T [N, H, W, C] of `images` by DDIM inversion on the grid of `s`."""
-    c, s = sampler.config, interpolation_config(s or sampler.config.sampling)
-    sched = _schedule(c)
-    images = _check_images(images, sampler.image_shape)
-    kw = solvers.settings(s, sched.num_timesteps)
-    index = np.arange(len(images)) if labels_from is None else labels_from
-
-    @functools.partial(jax.jit, out_shardings=sharding.batch(sampler.mesh))
-    def run(params, rng, _, label_index_B, images_B):
-        model = sampling.conditioned(sampler.model, label_index_B, s)
-        return ddim_invert(model, params, sched, to_model_input(images_B),
-                           num_steps=kw["num_steps"], spacing=kw["spacing"],
-                           prediction=c.diffusion.prediction)
-
-    return _map_batches(sampler.mesh, s.per_device_batch, run, sampler.params,
-                        jax.random.key(0), index.astype(np.int32), images)
-
-
 def seed_noise(seeds, image_shape, num_timesteps: int) -> np.ndarray:
     """float32 [len(seeds), H, W, C]: the noise image 0 of each seed starts from in sampling."""
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(jnp.asarray(seeds))
     return np.asarray(solvers.image_noise(keys, num_timesteps, tuple(image_shape)))
-
-
-def decode_path(sampler, x_a: np.ndarray, x_b: np.ndarray, num_frames: int,
-                s: ml_collections.ConfigDict | None = None, inverted: bool = False) -> np.ndarray:
-    """uint8 [P, num_frames, H, W, C]: DDIM (eta = 0) decodings of slerp(x_a[p], x_b[p], w) at
-    num_frames weights w from 0 to 1; pair p's frames all take pair p's class (if any)."""
-    c, s = sampler.config, interpolation_config(s or sampler.config.sampling, inverted)
-    sched = _schedule(c)
-    P = len(x_a)
-    w = np.tile(np.linspace(0.0, 1.0, num_frames, dtype=np.float32), P)
-    pair = np.repeat(np.arange(P, dtype=np.int32), num_frames)
-    fn = solvers.from_config(s, sched.num_timesteps)
-
-    @functools.partial(jax.jit, out_shardings=sharding.batch(sampler.mesh))
-    def run(params, rng, _, pair_B, a_B, b_B, w_B):
-        model = sampling.conditioned(sampler.model, pair_B, s)
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(pair_B)  # eta = 0: unused
-        x = fn(model, params, sched, keys, a_B.shape[1:], clip_x0=s.clip_x0,
-               prediction=c.diffusion.prediction, x_init=slerp(a_B, b_B, w_B))
-        return sampling.to_uint8(x)
-
-    frames = _map_batches(sampler.mesh, s.per_device_batch, run, sampler.params,
-                          jax.random.key(0), pair, x_a[pair], x_b[pair], w)
-    return frames.reshape(P, num_frames, *frames.shape[1:])
-
-
-def interpolate_images(sampler, images_a: np.ndarray, images_b: np.ndarray, num_frames: int = 8,
-                       s: ml_collections.ConfigDict | None = None) -> np.ndarray:
-    """uint8 [P, num_frames, H, W, C]: from images_a[p] to images_b[p] through DDIM inversion,
-    slerp of the two x_T and DDIM decoding."""
-    a = _check_images(images_a, sampler.image_shape, "images_a")
-    b = _check_images(images_b, sampler.image_shape, "images_b")
-    if len(a) != len(b):
-        raise ValueError(f"images_a has {len(a)} images, images_b {len(b)}: expected pairs")
-    pair = np.arange(len(a))
-    x = encode_images(sampler, np.concatenate([a, b]), s, np.concatenate([pair, pair]))
-    return decode_path(sampler, x[:len(a)], x[len(a):], num_frames, s, inverted=True)
-
-
-def interpolate_seeds(sampler, seeds_a, seeds_b, num_frames: int = 8,
-                      s: ml_collections.ConfigDict | None = None) -> np.ndarray:
-    """uint8 [P, num_frames, H, W, C]: from image 0 of seed seeds_a[p] to image 0 of seeds_b[p]
-    (as DDIM at eta = 0 samples them), by slerp of their noises."""
-    T = sampler.config.diffusion.num_timesteps
-    return decode_path(sampler, seed_noise(seeds_a, sampler.image_shape, T),
-                       seed_noise(seeds_b, sampler.image_shape, T), num_frames, s)
-
-
-def _schedule(c: ml_collections.ConfigDict) -> diffusion.Schedule:
-    return diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,53 +287,3 @@ def read_masks(path: str, names: list[str], sizes: list[tuple[int, int]],
         masks.append(draw)
     return np.stack(masks) if len(masks) == len(names) else np.broadcast_to(
         masks[0], (len(names), *masks[0].shape))
-
-
-# ---------------------------------------------------------------------------------------------
-# --mode=inpaint|interpolate|img2img
-
-
-def edit_and_write(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str:
-    """The CLI: edits as `config.edit` says into WORKDIR/<mode>/step_<N>/: grid.png, one PNG per
-    result and <mode>.npz. Inputs are read and checked before the checkpoint is restored."""
-    validate.check_edit(config, mode)
-    e = config.edit
-    names = images = masks = None
-    if e.images:
-        names, images, sizes = read_images(e.images, config.data)
-    if mode == "inpaint":
-        masks = read_masks(e.masks, names, sizes, config.data)
-    if mode == "interpolate" and images is not None and len(images) % 2:
-        raise validate.ConfigError(f"edit.images={e.images!r}: {len(images)} images; "
-                                   "interpolation takes pairs (1st to 2nd, 3rd to 4th, ...)")
-    sampler = sampling.Sampler.from_workdir(workdir, config, config.sampling.checkpoint_step)
-    out_dir = os.path.join(workdir, mode, f"step_{sampler.step}")
-    if mode == "inpaint":
-        results = sampler.inpaint(images, masks, seed=config.seed, jump_length=e.jump_length,
-                                  jump_n_sample=e.jump_n_sample)
-        shown = np.where(masks[..., None], np.uint8(127), images)  # the drawn area grey
-        rows, arrays = np.stack([images, shown, results], 1), dict(masks=masks, results=results)
-    elif mode == "img2img":
-        results = sampler.img2img(images, e.strength, seed=config.seed)
-        rows, arrays = np.stack([images, results], 1), dict(results=results)
-    elif images is not None:
-        rows = sampler.interpolate(images[0::2], images[1::2], e.num_frames)
-        arrays = dict(frames=rows)
-        names = [f"pair_{p:03d}_{names[2 * p]}" for p in range(len(rows))]
-    else:
-        rows = sampler.interpolate_seeds(e.seeds[0::2], e.seeds[1::2], e.num_frames)
-        arrays = dict(frames=rows, seeds=np.asarray(e.seeds))
-        names = [f"seeds_{a}_{b}.png" for a, b in zip(e.seeds[0::2], e.seeds[1::2], strict=True)]
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        sampling.write_png(os.path.join(out_dir, "grid.png"),
-                           sampling.make_grid(rows.reshape(-1, *rows.shape[2:]),
-                                              cols=rows.shape[1]))
-        for name, row in zip(names, rows, strict=True):
-            # One PNG per result; an interpolation's is its row of frames.
-            one = row[-1] if mode != "interpolate" else sampling.make_grid(row, cols=len(row))
-            sampling.write_png(os.path.join(out_dir, os.path.splitext(name)[0] + ".png"), one)
-        np.savez(os.path.join(out_dir, f"{mode}.npz"),
-                 **({} if images is None else {"inputs": images}), **arrays)
-    logging.info("Wrote %s results (grid.png, one PNG each) to %s", len(rows), out_dir)
-    return out_dir

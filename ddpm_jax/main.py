@@ -69,9 +69,9 @@ def main(argv):
 
             sampling.sample_and_write(config, workdir)
         elif FLAGS.mode in validate.EDIT_MODES:
-            from ddpm_jax import editing
+            from ddpm_jax import sampling
 
-            editing.edit_and_write(config, workdir, FLAGS.mode)
+            sampling.edit_and_write(config, workdir, FLAGS.mode)
         else:
             from ddpm_jax import evaluate
 

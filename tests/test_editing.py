@@ -144,7 +144,7 @@ def test_trained_model_fills_a_masked_half_with_its_patterns_colour(trained, tmp
     config.edit.images, config.edit.masks = str(tmp_path / "images"), str(tmp_path / "masks")
     s = config.sampling
     s.sampler, s.num_steps, s.eta, s.per_device_batch = "ddim", 50, 1.0, 8
-    out = editing.edit_and_write(config, workdir, "inpaint")
+    out = sampling.edit_and_write(config, workdir, "inpaint")
     results = np.load(os.path.join(out, "inpaint.npz"))["results"]
     assert os.path.exists(os.path.join(out, "grid.png")) and os.path.exists(out + "/7.png")
     np.testing.assert_array_equal(results[:, :, :4], images[:, :, :4])
@@ -270,3 +270,17 @@ def test_edit_settings_are_checked_in_one_line(mode, key, value, message):
     with pytest.raises(validate.ConfigError, match="inpainting takes 'ddpm' or 'ddim'"):
         validate.check_edit(config, "inpaint")
     validate.check_edit(config, "img2img")  # every sampler edits images
+
+
+def test_editing_modes_read_the_workdirs_config(trained):
+    """--mode=inpaint etc. without --config: the checkpoint's config, with config.edit's fields
+    (a run trained before they existed saved none) for the command line to set."""
+    from configs import from_workdir
+    from ddpm_jax import main
+
+    _, workdir = trained
+    argv = main.with_workdir_config(["main", "--mode=inpaint", f"--workdir={workdir}"])
+    assert argv[1] == f"--config={main.WORKDIR_CONFIG}:{workdir}"
+    config = from_workdir.get_config(workdir)
+    assert config.edit.to_dict() == tiny_config().edit.to_dict()
+    assert config.diffusion.num_timesteps == 100  # and the rest is the run's
