@@ -205,6 +205,14 @@ class Sampler:
                             self.mesh, progress)
         return draw(self.params, jax.random.key(seed), num_samples)
 
+    def progress(self, num_images: int = 6, seed: int = 0, num_frames: int = 10) -> np.ndarray:
+        """uint8 [num_images, num_frames, H, W, C]: predicted x_0 from T to 0 (`draw_progress`)."""
+        c = self.config
+        sched = diffusion.make_schedule(c.diffusion.beta_schedule, c.diffusion.num_timesteps)
+        return draw_progress(self.model, self.params, sched, c.sampling, c.diffusion.prediction,
+                             input_pipeline.image_shape(c.data), jax.random.key(seed),
+                             min(num_images, c.sampling.num_samples), num_frames)
+
     # Sampling that edits (editing.py). Images are uint8 [N, H, W, C] at the model's size
     # (editing.read_images reads files so); `overrides` replace sampling config fields. Image i
     # draws from fold_in(key(seed), i), as `sample` does.
