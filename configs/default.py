@@ -92,6 +92,16 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.label = -1  # class-conditional: the class drawn; -1 = all classes in turn
     sampling.guidance_scale = 1.0  # classifier-free guidance w: 0 uncond, 1 cond, > 1 guided
 
+    # --mode=inpaint, interpolate and img2img (docs/editing.md); the sampler is config.sampling's.
+    config.edit = edit = ml_collections.ConfigDict()
+    edit.images = ""  # an image file or a folder of them (sorted by name): the images to edit
+    edit.masks = ""  # inpaint: one mask for all, or a folder of one per image (same file name)
+    edit.jump_length = 1  # inpaint: RePaint resampling goes back this many steps (RePaint: 10)...
+    edit.jump_n_sample = 1  # ...and samples each stretch this many times (RePaint: 10; 1: off)
+    edit.strength = 0.5  # img2img: the input noised to strength x T; 0: unchanged, 1: pure noise
+    edit.num_frames = 8  # interpolate: frames per row, both ends included
+    edit.seeds = (0, 1)  # interpolate without edit.images: seed pairs (a, b, c, d: a-b, c-d)
+
     config.eval = ev = ml_collections.ConfigDict()
     ev.num_samples = 50_000  # EMA samples for --mode=eval (FID/KID); papers use 50k
     ev.batch_size = 256  # Inception batch (a multiple of the device count)

@@ -189,6 +189,14 @@ def alpha_sigma(sched: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
 
+def q_forward(sched: Schedule, x_s: jax.Array, s, t, eps: jax.Array) -> jax.Array:
+    """x_t ~ q(x_t | x_s) for timesteps s < t (s = -1: x_s is the clean data), the forward
+    process run on from s: N(sqrt(abar_t / abar_s) x_s, (1 - abar_t / abar_s) I). RePaint's
+    resampling goes back up the chain with it (editing.py)."""
+    ratio = abar_at(sched, t) / abar_at(sched, s)
+    return jnp.sqrt(ratio) * x_s + jnp.sqrt(1.0 - ratio) * eps
+
+
 def log_snr(sched: Schedule, t: jax.Array) -> jax.Array:
     """lambda_t = log(alpha_t / sigma_t), decreasing in t; +inf at t = -1."""
     abar = abar_at(sched, t)

@@ -32,11 +32,13 @@ from ddpm_jax import (  # noqa: E402
 )
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file; --mode=sample and --mode=eval "
-                                "default to the config saved in --workdir.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file; --mode=sample, eval and the "
+                                "editing modes default to the config saved in --workdir.",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, samples and TensorBoard logs go here "
                     "(default: runs/<config file name without .py>).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", *validate.EDIT_MODES],
+                  "What to do (inpaint, interpolate, img2img: docs/editing.md).")
 # What --mode=sample and --mode=eval read without --config: the checkpoint's own config.
 WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "from_workdir.py")
@@ -75,6 +77,10 @@ def main(argv):
             from ddpm_jax import sampling
 
             sampling.sample_and_write(config, workdir)
+        elif FLAGS.mode in validate.EDIT_MODES:
+            from ddpm_jax import sampling
+
+            sampling.edit_and_write(config, workdir, FLAGS.mode)
         else:
             from ddpm_jax import evaluate
 
@@ -96,9 +102,9 @@ def with_workdir_config(argv: list[str]) -> list[str]:
                                                        for a in argv):
         return argv
     mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
-    if mode not in ("sample", "eval"):
-        raise flags.Error(f"--config is required for --mode={mode} (--mode=sample and eval "
-                          "read the config saved in --workdir)")
+    if mode not in ("sample", "eval", *validate.EDIT_MODES):
+        raise flags.Error(f"--config is required for --mode={mode} (--mode=sample, eval and "
+                          "the editing modes read the config saved in --workdir)")
     if not workdir:
         raise flags.Error(f"--mode={mode} needs --workdir (whose checkpoint's config it reads) "
                           "or --config")

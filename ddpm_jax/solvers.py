@@ -19,6 +19,10 @@ for the last, so it takes (num_steps + 1) // 2 grid points and 2 * that - 1 eval
 
 Every image draws its noise from `fold_in(image_key, t)`: an image depends only on its key.
 
+Every sampler can also start part-way, as image-to-image editing does (editing.py): `t_max` keeps
+only the grid's timesteps <= t_max, and `x_init` is x at the first of them (default: the noise
+`image_noise(image_keys, T)` that sampling from scratch starts from).
+
 A sampler calls its `model` only through `model.apply({"params": params}, x, t_B)`, so a
 class-conditional network enters every sampler the same way, as a `Guided` model: its labels bound,
 and classifier-free guidance computed in that call, inside the sampler's scan.
@@ -167,7 +171,8 @@ def num_evaluations(sampler: str, num_steps: int) -> int:
 
 def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
                 *, num_steps: int | None = None, spacing="uniform", variance="fixed_large",
-                clip_x0=True, prediction="eps", record=None) -> jax.Array:
+                clip_x0=True, prediction="eps", record=None, t_max=None,
+                x_init=None) -> jax.Array:
     """Ancestral sampling over `num_steps` (default all T) timesteps. Returns x_0 (and with
     `record`, the predicted x_0 at those timesteps: see `_record`)."""
     T = sched.num_timesteps
@@ -175,7 +180,8 @@ def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
     # All T steps: the schedule itself (respace would re-derive its constants from the cast
     # betas, which can move them by a float32 ulp), so this is DDPM's sampler bit for bit.
     sub = sched if len(ts) == T else diffusion.respace(sched, ts)
-    x = image_noise(image_keys, T, image_shape)
+    skip = num_skipped(ts, t_max)
+    x = _start(image_keys, T, image_shape, x_init)
 
     def step(carry, i_t):
         (x, frames), (i, t) = carry, i_t  # i indexes the respaced chain; the network and the
@@ -184,7 +190,8 @@ def ddpm_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
         return (x, _record(frames, record, t, x0)), None
 
     carry = (x, _frames(record, x))
-    (x, frames), _ = jax.lax.scan(step, carry, (jnp.arange(len(ts) - 1, -1, -1), jnp.asarray(ts)))
+    chain = np.arange(len(ts) - 1, -1, -1, dtype=np.int32)
+    (x, frames), _ = jax.lax.scan(step, carry, (jnp.asarray(chain[skip:]), jnp.asarray(ts[skip:])))
     return _result(x, frames, record)
 
 
@@ -198,28 +205,40 @@ def ancestral_step(sched: diffusion.Schedule, x, x0, i, noise, variance: str) ->
 
 def ddim_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
                 *, num_steps=100, spacing="uniform", eta=0.0, clip_x0=True,
-                prediction="eps", record=None) -> jax.Array:
+                prediction="eps", record=None, t_max=None, x_init=None) -> jax.Array:
     """DDIM (Song et al. 2021, eq. 12): eta=0 deterministic, eta=1 matches DDPM's fixed-small."""
     ts = timesteps(sched, num_steps, spacing)
-    x = image_noise(image_keys, sched.num_timesteps, image_shape)
+    skip = num_skipped(ts, t_max)
+    x = _start(image_keys, sched.num_timesteps, image_shape, x_init)
 
     def step(carry, t_pair):
         (x, frames), (t, t_prev) = carry, t_pair
         x0, eps = predict(model, params, sched, prediction, clip_x0, x, t)
-        abar, abar_prev = diffusion.abar_at(sched, t), diffusion.abar_at(sched, t_prev)
-        var = eta**2 * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
-        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - var, 0.0))
-        noise = image_noise(image_keys, t, image_shape)
-        x = jnp.sqrt(abar_prev) * x0 + dir_coef * eps + jnp.sqrt(var) * noise
+        x = ddim_step(sched, x0, eps, t, t_prev, eta, image_noise(image_keys, t, image_shape))
         return (x, _record(frames, record, t, x0)), None
 
-    (x, frames), _ = jax.lax.scan(step, (x, _frames(record, x)), _pairs(ts))
+    t, t_prev = _pairs(ts)
+    (x, frames), _ = jax.lax.scan(step, (x, _frames(record, x)), (t[skip:], t_prev[skip:]))
     return _result(x, frames, record)
+
+
+def ddim_step(sched: diffusion.Schedule, x0, eps, t, t_next, eta: float, noise) -> jax.Array:
+    """DDIM's update from timestep t to t_next (-1: the clean data) given the x0 and eps
+    predicted at t. At eta = 0 it is deterministic and also steps up (t_next > t: DDIM
+    inversion, where t may be -1)."""
+    abar_next = diffusion.abar_at(sched, t_next)
+    var = 0.0
+    if eta:  # a Python float: eta = 0 leaves the noise out (and needs no abar_t < 1)
+        abar = diffusion.abar_at(sched, t)
+        var = eta**2 * (1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next)
+    dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_next - var, 0.0))
+    x = jnp.sqrt(abar_next) * x0 + dir_coef * eps
+    return x + jnp.sqrt(var) * noise if eta else x
 
 
 def dpm_solver_pp_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
                          image_shape, *, num_steps=20, spacing="logsnr", clip_x0=True,
-                         prediction="eps", record=None) -> jax.Array:
+                         prediction="eps", record=None, t_max=None, x_init=None) -> jax.Array:
     """DPM-Solver++(2M): second-order multistep in lambda on the data (x0) prediction.
 
     With h = lambda_next - lambda, x_next = sigma_next / sigma x - alpha_next expm1(-h) D, where
@@ -234,7 +253,9 @@ def dpm_solver_pp_sample(model, params, sched: diffusion.Schedule, image_keys: j
     second[-1] = False
     if n - 1 < LOWER_ORDER_FINAL_BELOW and n > 1:
         second[-2] = False
-    x = image_noise(image_keys, sched.num_timesteps, image_shape)
+    skip = num_skipped(ts, t_max)
+    second[skip:skip + 1] = False  # a late start has no previous x0 either
+    x = _start(image_keys, sched.num_timesteps, image_shape, x_init)
 
     def step(carry, inputs):
         x, x0_prev, lam_prev, frames = carry
@@ -249,18 +270,21 @@ def dpm_solver_pp_sample(model, params, sched: diffusion.Schedule, image_keys: j
         return (x_next, x0, lam, _record(frames, record, t, x0)), None
 
     carry = (x, jnp.zeros_like(x), jnp.zeros((), x.dtype), _frames(record, x))
-    (x, _, _, frames), _ = jax.lax.scan(step, carry, (_pairs(ts), jnp.asarray(second)))
+    t, t_next = _pairs(ts)
+    (x, _, _, frames), _ = jax.lax.scan(step, carry, ((t[skip:], t_next[skip:]),
+                                                      jnp.asarray(second[skip:])))
     return _result(x, frames, record)
 
 
 def heun_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array, image_shape,
                 *, num_steps=19, spacing="karras", clip_x0=True, prediction="eps",
-                record=None) -> jax.Array:
+                record=None, t_max=None, x_init=None) -> jax.Array:
     """EDM's Heun sampler: in EDM's variables x / alpha and sigma / alpha = exp(-lambda) the
     probability-flow ODE is d(x / alpha) = eps d(sigma / alpha); an Euler step (= DDIM) then a
     trapezoidal correction with eps at the Euler point. Returns the x0 predicted at t = 0."""
     ts = timesteps(sched, (num_steps + 1) // 2, spacing)
-    x = image_noise(image_keys, sched.num_timesteps, image_shape)
+    skip = num_skipped(ts, t_max)
+    x = _start(image_keys, sched.num_timesteps, image_shape, x_init)
 
     def step(carry, t_pair):
         (x, frames), (t, t_next) = carry, t_pair
@@ -274,9 +298,25 @@ def heun_sample(model, params, sched: diffusion.Schedule, image_keys: jax.Array,
         return (x, _record(frames, record, t, x0)), None
 
     carry = (x, _frames(record, x))
-    (x, frames), _ = jax.lax.scan(step, carry, (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])))
+    (x, frames), _ = jax.lax.scan(step, carry, (jnp.asarray(ts[skip:-1]),
+                                                jnp.asarray(ts[skip + 1:])))
     x0, _ = predict(model, params, sched, prediction, clip_x0, x, ts[-1])  # into sigma = 0
     return _result(x0, _record(frames, record, ts[-1], x0), record)
+
+
+def num_skipped(ts: np.ndarray, t_max: int | None) -> int:
+    """How many of the grid's timesteps (descending) lie above `t_max` (None: none do); at
+    least one is kept."""
+    if t_max is None:
+        return 0
+    skip = int(np.sum(ts > t_max))
+    if skip == len(ts):
+        raise ValueError(f"t_max={t_max}: below the grid's last timestep {ts[-1]}")
+    return skip
+
+
+def _start(image_keys, T: int, image_shape, x_init):
+    return image_noise(image_keys, T, image_shape) if x_init is None else x_init
 
 
 def _frames(record, x):
@@ -311,17 +351,18 @@ SAMPLE_FNS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver++": dpm_solv
 def from_config(s: ml_collections.ConfigDict, num_timesteps: int) -> Callable:
     """The sampler `s.sampler` with the settings of sampling config `s` bound; call it as
     fn(model, params, sched, image_keys, image_shape, clip_x0=..., prediction=...)."""
-    return functools.partial(SAMPLE_FNS[s.sampler], **_settings(s, num_timesteps))
+    return functools.partial(SAMPLE_FNS[s.sampler], **settings(s, num_timesteps))
 
 
 def visited_timesteps(s: ml_collections.ConfigDict, sched: diffusion.Schedule) -> np.ndarray:
     """The grid of timesteps the sampler of config `s` evaluates the network at, T - 1 to 0."""
-    settings = _settings(s, sched.num_timesteps)
-    n = settings["num_steps"]
-    return timesteps(sched, (n + 1) // 2 if s.sampler == "heun" else n, settings["spacing"])
+    kw = settings(s, sched.num_timesteps)
+    n = kw["num_steps"]
+    return timesteps(sched, (n + 1) // 2 if s.sampler == "heun" else n, kw["spacing"])
 
 
-def _settings(s: ml_collections.ConfigDict, num_timesteps: int) -> dict:
+def settings(s: ml_collections.ConfigDict, num_timesteps: int) -> dict:
+    """Sampler keywords of sampling config `s`: num_steps (resolved), spacing, variance or eta."""
     if s.sampler not in SAMPLE_FNS:
         raise ValueError(f"sampling.sampler={s.sampler!r}: expected one of {SAMPLERS}")
     num_steps = s.num_steps or num_timesteps
@@ -329,10 +370,9 @@ def _settings(s: ml_collections.ConfigDict, num_timesteps: int) -> dict:
         # A config saved before respacing existed, when the ancestral sampler took all T steps
         # whatever num_steps said: sample its checkpoints as they were sampled then.
         num_steps = num_timesteps
-    settings = dict(num_steps=num_steps, spacing=resolve_spacing(s.sampler, s.get("spacing",
-                                                                                "auto")))
+    kw = dict(num_steps=num_steps, spacing=resolve_spacing(s.sampler, s.get("spacing", "auto")))
     if s.sampler == "ddpm":
-        settings["variance"] = s.variance
+        kw["variance"] = s.variance
     elif s.sampler == "ddim":
-        settings["eta"] = s.eta
-    return settings
+        kw["eta"] = s.eta
+    return kw

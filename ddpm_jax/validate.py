@@ -13,6 +13,8 @@ import ml_collections
 
 from ddpm_jax import data, diffusion, solvers, unet
 
+EDIT_MODES = ("inpaint", "interpolate", "img2img")  # --mode= values of editing.py
+
 
 class ConfigError(ValueError):
     """A config value or work directory that cannot work."""
@@ -152,6 +154,41 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
     _require(w == 1.0 or config.model.label_dropout > 0,
              f"sampling.guidance_scale={w} needs the unconditional model, which "
              "model.label_dropout=0 never trains; use guidance_scale=1")
+
+
+def check_edit(config: ml_collections.ConfigDict, mode: str) -> None:
+    """The settings of an editing mode (`config.edit`, with the sampler's)."""
+    check_sampling(config)
+    _positive_int(config, "sampling.per_device_batch")
+    e, s = config.edit, config.sampling
+    if mode in ("inpaint", "img2img"):
+        _require(bool(e.images), f"edit.images is empty: --mode={mode} needs "
+                 "--config.edit.images=IMAGE_OR_FOLDER")
+    if mode == "inpaint":
+        _require(bool(e.masks), "edit.masks is empty: --mode=inpaint needs --config.edit.masks="
+                 "MASK_OR_FOLDER (white where the model draws)")
+        _require(s.sampler in ("ddpm", "ddim"), f"sampling.sampler={s.sampler!r}: inpainting "
+                 "takes 'ddpm' or 'ddim'")
+        length, repeats = _positive_int(config, "edit.jump_length"), _positive_int(
+            config, "edit.jump_n_sample")
+        _require(length == 1 or repeats > 1, f"edit.jump_length={length} has no effect with "
+                 "edit.jump_n_sample=1 (RePaint resamples each stretch jump_n_sample times)")
+        steps = s.num_steps or config.diffusion.num_timesteps
+        _require(repeats == 1 or length < steps, f"edit.jump_length={length}: expected fewer "
+                 f"than the sampler's {steps} steps")
+    elif mode == "img2img":
+        _require(isinstance(e.strength, (int, float)) and 0.0 <= e.strength <= 1.0,
+                 f"edit.strength={e.strength!r}: expected 0 (the input) to 1 (pure noise)")
+    elif mode == "interpolate":
+        k = e.num_frames
+        _require(isinstance(k, int) and not isinstance(k, bool) and k >= 2,
+                 f"edit.num_frames={k!r}: expected an integer >= 2 (both ends included)")
+        seeds = tuple(e.seeds)
+        _require(bool(e.images) or (len(seeds) >= 2 and len(seeds) % 2 == 0 and all(
+            isinstance(x, int) for x in seeds)), f"edit.seeds={seeds!r}: expected pairs of "
+            "integer seeds (a, b, c, d: a to b, c to d), or --config.edit.images")
+    else:
+        raise ConfigError(f"--mode={mode}: expected one of {EDIT_MODES}")
 
 
 def slow_on_platform(config: ml_collections.ConfigDict, platform: str) -> str | None:
