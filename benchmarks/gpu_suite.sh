@@ -47,7 +47,7 @@ fetch() {
     | sed 's/+.*//') || { echo "error: no peer venv at $venv (benchmarks/compare_peer_cpu.sh" \
                                "makes it)"; exit 1; }
   # Binary wheels (regex, Pillow, PyYAML, ...) for every Python the image may have.
-  for v in 3.10 3.11 3.12 3.13; do
+  for v in 3.11 3.12 3.13; do  # jax 0.11 and diffusers 0.42 need 3.11+
     # shellcheck disable=SC2086  # deps is a list
     python -m pip download -q --no-deps --only-binary=:all: --python-version "$v" \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
@@ -177,7 +177,9 @@ run() {
   rm -rf "$RESULTS" && mkdir -p "$RESULTS"
   [[ -n "${OUT:-}" ]] && mkdir -p "$OUT"
   if ! "$PY_" -c "import ml_collections" 2>/dev/null || \
-     ! "$peer_py" -c "import diffusers, denoising_diffusion_pytorch" 2>/dev/null; then
+     ! "$peer_py" -c "import importlib.util as u, diffusers
+assert u.find_spec('denoising_diffusion_pytorch') and u.find_spec('ema_pytorch')" 2>/dev/null
+  then
     [[ -d "$KIT" ]] || { echo "error: $KIT missing: run '$0 fetch' first (with network)"; exit 1; }
     install_kit "$PY_"
     [[ "$peer_py" == "$PY_" ]] || install_kit "$peer_py"

@@ -126,12 +126,10 @@ def profile_ours(batch: int, repeats: int, flags: list[str]) -> dict:
     import jax
     import jax.numpy as jnp
     from absl import flags as absl_flags
-    from ml_collections import config_flags
 
-    from ddpm_jax import benchmark, input_pipeline, sharding, train, unet
+    from ddpm_jax import benchmark, input_pipeline, sharding, train, unet  # defines --config
 
-    config_flags.DEFINE_config_file("config", "configs/cifar10.py")
-    absl_flags.FLAGS(["prog", *flags])
+    absl_flags.FLAGS(["prog", "--config=configs/cifar10.py", *flags])
     config = absl_flags.FLAGS.config
     config.training.batch_size = batch
     mesh = sharding.make_mesh()
