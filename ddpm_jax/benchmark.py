@@ -16,6 +16,9 @@ warm-up, read after `jax.block_until_ready`. `--compile_only` stops after the co
     python -m ddpm_jax.benchmark --config configs/cifar10.py --compile_only \
         --config.training.grad_accum_steps=4
 
+`--skip_training --samplers=ddim` times one sampler alone (network evaluations per second are
+`ddim_sample_images_per_s` x `ddim_sample_steps`), as benchmarks/compare_peer_cpu.sh does.
+
 Prints a table, then ONE line of JSON (the last line of stdout) for scripts to parse.
 """
 
@@ -90,6 +93,8 @@ class Options:
     sample_images: int | None = None  # None: a few on CPU, a full sampling batch elsewhere
     sampling_timesteps: int | None = None  # None: few on CPU, the config's num_steps elsewhere
     skip_sampling: bool = False
+    skip_training: bool = False  # time the samplers only, on freshly initialised parameters
+    samplers: tuple[str, ...] = ()  # () : every sampler in solvers.SAMPLERS
     compile_only: bool = False  # compile and report XLA's memory analysis; run nothing
 
 
@@ -266,15 +271,21 @@ def forward_matmul_flops_per_image(model: unet.UNet, params, shape: tuple) -> fl
     return float(matmul_flops(jaxpr.jaxpr))
 
 
+def initial_state(config: ml_collections.ConfigDict, mesh, model, tx):
+    """(the training state as training initialises it, replicated; its sharding; the step key)."""
+    shape = data.image_shape(config.data)
+    init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=shape)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    state_sharding = sharding.replicated(mesh, jax.eval_shape(init_fn, init_rng))
+    return jax.jit(init_fn, out_shardings=state_sharding)(init_rng), state_sharding, train_rng
+
+
 def bench_train(config: ml_collections.ConfigDict, mesh, opts: Options) -> tuple[dict, Any]:
     """Times the training step; returns its figures and the final state (for the samplers)."""
     model = unet.from_config(config)
     tx = train.make_optimizer(config)
     shape, n_dev = data.image_shape(config.data), mesh.devices.size
-    init_fn = functools.partial(train.init_state, model=model, tx=tx, image_shape=shape)
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    state_sharding = sharding.replicated(mesh, jax.eval_shape(init_fn, init_rng))
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
+    state, state_sharding, train_rng = initial_state(config, mesh, model, tx)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     K, B = config.training.steps_per_call, config.training.batch_size
@@ -401,11 +412,16 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
         # glibc.malloc.hugetlb=1 is worth ~14% of a CPU step (hugepages.py): say whether it was on.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
-    train_result, state = bench_train(config, mesh, opts)
-    result.update(train_result)
-    achieved = result.get("achieved_tflops")
-    result["peak_tflops_per_device"] = peak
-    result["mfu"] = achieved / (peak * n_dev) if achieved and peak else None
+    if opts.skip_training and not opts.compile_only:
+        state, _, _ = initial_state(config, mesh, unet.from_config(config),
+                                    train.make_optimizer(config))
+        result["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    else:
+        train_result, state = bench_train(config, mesh, opts)
+        result.update(train_result)
+        achieved = result.get("achieved_tflops")
+        result["peak_tflops_per_device"] = peak
+        result["mfu"] = achieved / (peak * n_dev) if achieved and peak else None
 
     if not (opts.skip_sampling or opts.compile_only):
         per_dev = opts.sample_images or (
@@ -413,7 +429,7 @@ def run(config: ml_collections.ConfigDict, opts: Options) -> dict:
         num_images = -(-per_dev // n_dev) * n_dev  # a whole number of images per device
         timesteps = opts.sampling_timesteps or (CPU_SAMPLING_TIMESTEPS if on_cpu else None)
         result["sample_images"] = num_images
-        for sampler in sampling.SAMPLERS:
+        for sampler in opts.samplers or sampling.SAMPLERS:
             result.update(bench_sampler(config, mesh, state.ema_params, sampler, num_images,
                                         timesteps, opts.repeats))
     result["repeats"] = opts.repeats
@@ -474,6 +490,9 @@ flags.DEFINE_integer("sampling_timesteps", None,
                      f"rounds down to odd). Default: {CPU_SAMPLING_TIMESTEPS} on CPU, else the "
                      "config's.")
 flags.DEFINE_bool("skip_sampling", False, "Time the training step only.")
+flags.DEFINE_bool("skip_training", False,
+                  "Time the samplers only (on freshly initialised parameters: the same cost).")
+flags.DEFINE_list("samplers", [], f"Samplers to time; default all ({', '.join(solvers.SAMPLERS)}).")
 flags.DEFINE_bool("compile_only", False,
                   "Compile the training step and report XLA's memory analysis and FLOPs; run "
                   "nothing (seconds where a CPU step takes minutes).")
@@ -489,9 +508,13 @@ def report(result: dict) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if unknown := [s for s in FLAGS.samplers if s not in solvers.SAMPLERS]:
+        raise app.UsageError(f"--samplers: unknown {', '.join(unknown)} (known: "
+                             f"{', '.join(solvers.SAMPLERS)})")
     opts = Options(repeats=FLAGS.repeats, steps=FLAGS.steps, warmup=FLAGS.warmup,
                    peak_tflops=FLAGS.peak_tflops, sample_images=FLAGS.sample_images,
                    sampling_timesteps=FLAGS.sampling_timesteps, skip_sampling=FLAGS.skip_sampling,
+                   skip_training=FLAGS.skip_training, samplers=tuple(FLAGS.samplers),
                    compile_only=FLAGS.compile_only)
     try:
         result = run(config_renames.rename_keys(FLAGS.config), opts)

@@ -88,6 +88,47 @@ class Dropout(nn.Module):
         return dropout(x, self.rate, self.make_rng("dropout"), example_B)
 
 
+def group_norm(x_BHWC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, num_groups: int,
+               epsilon: float = 1e-6) -> jax.Array:
+    """GroupNorm as a per-channel affine map: y = x a + b, with a = scale / std and b = bias -
+    mean a per image and channel, from one pass of sums of x and x^2 over H and W (float32).
+
+    The same function as nn.GroupNorm (its fast variance, E[x^2] - E[x]^2 clipped at 0, and
+    epsilon inside the square root) up to float rounding, but cheaper on XLA:CPU: nn.GroupNorm
+    reduces and normalises a [B, H, W, G, C/G] view and broadcasts mean and variance back per
+    element, which with its gradient took 53 ms against 23 for this at [16, 32, 32, 128] (24 vs 3
+    at [16, 16, 16, 256]) on 2 cores. Returns float32; the caller casts.
+    """
+    B, H, W, C = x_BHWC.shape
+    x = x_BHWC.astype(jnp.float32)
+    n = H * W * (C // num_groups)
+    mean_BG = x.sum((1, 2)).reshape(B, num_groups, -1).sum(-1) / n
+    mean_sq_BG = (x * x).sum((1, 2)).reshape(B, num_groups, -1).sum(-1) / n
+    inv_std_BG = jax.lax.rsqrt(jnp.maximum(mean_sq_BG - mean_BG * mean_BG, 0.0) + epsilon)
+    a_BC = jnp.repeat(inv_std_BG, C // num_groups, axis=1) * scale_C
+    b_BC = bias_C - jnp.repeat(mean_BG, C // num_groups, axis=1) * a_BC
+    return x * a_BC[:, None, None, :] + b_BC[:, None, None, :]
+
+
+class GroupNorm(nn.Module):
+    """nn.GroupNorm's parameters (`scale`, `bias`) and defaults, computed by `group_norm`: a
+    checkpoint of either loads into the other."""
+
+    num_groups: int = 32
+    dtype: jnp.dtype | None = None  # output dtype; statistics are float32 whatever it is
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x_BHWC):
+        C = x_BHWC.shape[-1]
+        if C % self.num_groups:
+            raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {C} channels")
+        scale = self.param("scale", nn.initializers.ones, (C,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
+        y = group_norm(x_BHWC, scale, bias, self.num_groups, self.epsilon)
+        return y.astype(self.dtype or x_BHWC.dtype)
+
+
 class ResBlock(nn.Module):
     out_ch: int
     dropout: float
@@ -97,7 +138,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BHWC, temb_BD, train: bool, example_B=None):
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
-        norm = functools.partial(nn.GroupNorm, num_groups=self.norm_groups, dtype=self.dtype)
+        norm = functools.partial(GroupNorm, num_groups=self.norm_groups, dtype=self.dtype)
         h = conv(self.out_ch, kernel_init=_init())(nn.swish(norm()(x_BHWC)))
         temb = nn.Dense(self.out_ch, kernel_init=_init(), dtype=self.dtype)(nn.swish(temb_BD))
         h = h + temb[:, None, None, :]
@@ -145,7 +186,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BHWC):
         B, H, W, C = x_BHWC.shape
-        h = nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype)(x_BHWC)
+        h = GroupNorm(num_groups=self.norm_groups, dtype=self.dtype)(x_BHWC)
         dense = functools.partial(nn.Dense, C, dtype=self.dtype)
         q, k, v = (dense(kernel_init=_init(), name=n)(h).reshape(B, H * W, 1, C) for n in "qkv")
         # Softmax runs in float32 inside dot_product_attention even for bf16 inputs.
@@ -227,7 +268,7 @@ class UNet(nn.Module):
                 )
         assert not hs, "every skip connection is consumed"
 
-        h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
+        h = nn.swish(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
         h = conv(self.out_ch, kernel_init=_init(0.0), name="conv_out")(h)
         return h.astype(jnp.float32)
 

@@ -2,7 +2,10 @@
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +175,55 @@ def test_compile_only_reports_compiled_memory_and_runs_nothing(config):
     assert result["compiled_argument_bytes"] >= 4 * 4 * result["params"]
     assert "train_images_per_s" not in result and "ddpm_sample_images_per_s" not in result
     benchmark.check_compiled_once(result)
+
+
+def test_skip_training_times_only_the_samplers_asked_for(config):
+    opts = benchmark.Options(repeats=1, sample_images=8, sampling_timesteps=3,
+                             skip_training=True, samplers=("ddim",))
+    result = benchmark.run(config, opts)
+    assert "train_images_per_s" not in result and "ddpm_sample_images_per_s" not in result
+    assert result["ddim_sample_steps"] == 3 and result["ddim_sample_images_per_s"] > 0
+    assert result["params"] == sum(
+        x.size for x in jax.tree.leaves(unet.abstract_params(unet.from_config(config),
+                                                             (8, 8, 3))))
+
+
+GPU_SUITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "benchmarks", "gpu_suite.sh")
+
+
+def test_gpu_suite_stops_before_any_part_when_ours_cannot_import(tmp_path):
+    fake_python = tmp_path / "python"  # a Python that can import nothing
+    fake_python.write_text("#!/bin/sh\nexit 1\n")
+    fake_python.chmod(0o755)
+    (tmp_path / "kit").mkdir()
+    env = {**os.environ, "PY": str(fake_python), "KIT": str(tmp_path / "kit"),
+           "RESULTS": str(tmp_path / "results"), "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", GPU_SUITE, "run"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1
+    assert "error: ours cannot import" in run.stdout
+    assert not list((tmp_path / "results").glob("*.out"))  # no part started
+
+
+def test_gpu_suite_summary_extrapolates_samplers_and_judges_targets(tmp_path):
+    (tmp_path / "ours_b128.json").write_text(json.dumps({
+        "train_images_per_s": 9000.0, "mfu": 0.3, "batch_size": 128, "compile_s": 30.0,
+        "achieved_tflops": 300.0, "peak_memory_bytes": 2**30, "attention_impl": "auto",
+        "device_kind": "H200"}))
+    # 256 images x 100 ancestral steps in 2 s: 12,800 image-steps/s, so 1,000 steps take 20 s.
+    (tmp_path / "samplers.json").write_text(json.dumps({
+        "sample_images": 256, "ddpm_sample_images_per_s": 128.0, "ddpm_sample_steps": 100,
+        "ddpm_sample_first_call_s": 9.0}))
+    (tmp_path / "diffusers_bf16.json").write_text(json.dumps({
+        "img_per_s": 3000.0, "batch": 128, "device": "cuda", "params": 35746307}))
+    env = {**os.environ, "PY": sys.executable, "RESULTS": str(tmp_path)}
+    out = subprocess.run(["bash", GPU_SUITE, "summarize"], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    rows = {line[:62].strip(): line[62:].split() for line in out.splitlines() if "goal" in line}
+    assert rows["train images/s (bf16, batch 128)"] == ["9000", "goal", ">=", "8000", "met"]
+    assert rows["MFU (bf16, batch 128)"][-1] == "MISSED"
+    assert rows["ancestral 256 samples x 1,000 steps: seconds (extrapolated)"][:1] == ["20"]
+    assert rows["ours bf16 / diffusers_bf16: train images/s, batch 128"][0] == "3"
+    assert rows["ours bf16 / diffusers_compile: train images/s, batch 128"][0] == "n/a"
+    assert "ours_b512: no result" in out
