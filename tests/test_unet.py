@@ -175,3 +175,32 @@ def test_image_size_check_names_the_side_that_cannot_be_halved(size, name, side)
                                          rf"{side} cannot be halved 3 times \(len\(model\.ch_mult\)"
                                          r"-1\); it must be divisible by 8$"):
         unet.check_image_size(size, (1, 2, 2, 2))
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_group_norm_is_the_closed_form_and_flax_groupnorm(groups):
+    """unet.group_norm (one pass of sums, then x a + b) against GroupNorm's definition in float64,
+    and the GroupNorm module against nn.GroupNorm (same parameters, outputs and gradients)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 2.0, (3, 4, 5, 16))  # a non-zero mean: the sums' cancellation is visible
+    scale, bias = rng.normal(size=16), rng.normal(size=16)
+    xg = x.reshape(3, 4, 5, groups, 16 // groups)
+    mean = xg.mean((1, 2, 4), keepdims=True)
+    var = xg.var((1, 2, 4), keepdims=True)
+    want = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    got = unet.group_norm(jnp.asarray(x, jnp.float32), jnp.asarray(scale, jnp.float32),
+                          jnp.asarray(bias, jnp.float32), groups)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+
+    import flax.linen as nn
+
+    ours, ref = unet.GroupNorm(num_groups=groups), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    xj = jnp.asarray(x, jnp.float32)
+    params = ref.init(jax.random.key(0), xj)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    assert jax.tree.structure(ours.init(jax.random.key(0), xj)) == jax.tree.structure(params)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    grads = [jax.grad(loss(m), (0, 1))(params, xj) for m in (ours, ref)]
+    for u, v in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.apply(params, xj), ref.apply(params, xj), atol=2e-5)
