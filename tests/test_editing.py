@@ -7,6 +7,8 @@ model test (compiles dominate: each editing program is compiled once or twice).
 
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -276,11 +278,19 @@ def test_editing_modes_read_the_workdirs_config(trained):
     """--mode=inpaint etc. without --config: the checkpoint's config, with config.edit's fields
     (a run trained before they existed saved none) for the command line to set."""
     from configs import from_workdir
-    from ddpm_jax import main
 
     _, workdir = trained
-    argv = main.with_workdir_config(["main", "--mode=inpaint", f"--workdir={workdir}"])
-    assert argv[1] == f"--config={main.WORKDIR_CONFIG}:{workdir}"
+    # In a subprocess: ddpm_jax.main and ddpm_jax.benchmark (test_benchmark) both define absl's
+    # --config, so the two cannot be imported into one process.
+    script = f"""
+from ddpm_jax import main
+argv = main.with_workdir_config(["main", "--mode=inpaint", "--workdir={workdir}"])
+assert argv[1] == f"--config={{main.WORKDIR_CONFIG}}:{workdir}", argv
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=repo), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     config = from_workdir.get_config(workdir)
     assert config.edit.to_dict() == tiny_config().edit.to_dict()
     assert config.diffusion.num_timesteps == 100  # and the rest is the run's
