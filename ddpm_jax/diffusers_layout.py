@@ -182,17 +182,18 @@ def to_torch(params, plan) -> dict[str, np.ndarray]:
         tensors[f"{hf}.weight"] = np.ascontiguousarray(weight)
         if bias is not None:
             tensors[f"{hf}.bias"] = bias
-    total = sum(1 for _ in _leaves(params))
+    total = sum(1 for _ in leaves(params))
     if used != total:
         raise LayoutError(f"{total - used} of our {total} parameters have no place in "
                           "UNet2DModel's layout")
     return tensors
 
 
-def _leaves(tree):
+def leaves(tree):
+    """The arrays of a nested dict of parameters."""
     if isinstance(tree, dict):
         for v in tree.values():
-            yield from _leaves(v)
+            yield from leaves(v)
     else:
         yield tree
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsImportError, validate.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(np.size(x) for x in _leaves(imported.params))
+    n = sum(np.size(x) for x in diffusers_layout.leaves(imported.params))
     m = config.model
     size = config.data.image_size
     print(f"Imported {args.source}: {n:,} parameters, {size}x{size}x{config.data.channels}, "
@@ -180,14 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {args.workdir}/checkpoints/0; sample with: python -m ddpm_jax.main --workdir "
           f"{args.workdir} --mode=sample")
     return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 if __name__ == "__main__":
