@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from PIL import Image
-from test_learning import learning_config, nearest, on_one_device, patterns
+from test_learning import learning_config, nearest, on_one_device, patterns, write_patterns
 from test_sampling import POINTS, OptimalDenoiser
 
 from benchmarks import solver_convergence
@@ -30,12 +30,7 @@ def trained(tmp_path_factory):
     """(Sampler, workdir) of a tiny RGB model trained on one device for TRAIN_STEPS on the four
     8x8 patterns (4 copies each), T = 100."""
     tmp = tmp_path_factory.mktemp("editing")
-    data = tmp / "data"
-    data.mkdir()
-    for i, img in enumerate(patterns()):
-        for copy in range(4):
-            Image.fromarray(img).save(data / f"pattern{i}_{copy}.png")
-    config = learning_config(str(data), batch_size=16)
+    config = learning_config(write_patterns(tmp / "data", copies=4), batch_size=16)
     t = config.training
     t.num_train_steps = t.log_every_steps = t.checkpoint_every_steps = TRAIN_STEPS
     t.sample_every_steps, t.eval_every_steps = TRAIN_STEPS, 10 * TRAIN_STEPS  # no eval

@@ -61,16 +61,20 @@ def learning_config(data_path: str, batch_size: int):
     return config
 
 
+def write_patterns(folder, copies: int) -> str:
+    """The patterns as PNG files in `folder`, `copies` of each, as a user's folder; its path."""
+    folder.mkdir()
+    for i, img in enumerate(patterns()):
+        for copy in range(copies):
+            Image.fromarray(img).save(folder / f"pattern{i}_{copy:02d}.png")
+    return str(folder)
+
+
 def learn_patterns(tmp_path, monkeypatch, norm_groups: int) -> np.ndarray:
     """Train a tiny RGB model from a folder of the patterns (12 copies each), as a user would,
     then draw 32 ancestral samples from its checkpoint."""
     on_one_device(monkeypatch)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, img in enumerate(patterns()):
-        for copy in range(12):
-            Image.fromarray(img).save(data / f"pattern{i}_{copy:02d}.png")
-    config = learning_config(str(data), batch_size=32)
+    config = learning_config(write_patterns(tmp_path / "data", copies=12), batch_size=32)
     config.model.norm_groups = norm_groups
     train.train_and_evaluate(config, str(tmp_path / "run"))
     return sampling.Sampler.from_workdir(str(tmp_path / "run")).sample(32, seed=1)
